@@ -1,0 +1,242 @@
+"""Fake-quantizer modules: state (step sizes, offsets, calibration, frozen codes) around the
+primitives of `functional`.
+
+Four strategies share one interface so layers never branch on the method:
+
+* `LSQWeightQuantizer` — learnable step, MSE fixed-point init, L1-norm or LSQ gradient scale;
+* `BinaryWeightQuantizer` — BWN ``mean|W|·sign(W − mean W)``;
+* `LSQActivationQuantizer` — learnable step (and LSQ+ offset), signed or unsigned, lazy
+  first-batch init (all ranks agree);
+* `BinaryActivationQuantizer` — BiT elastic ``α·sign(x)``.
+
+Weight quantizers expose `step(w)` and `codes(w)` (the integer grid position of every
+weight), which OBR and oscillation tracking build on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import functional as F
+from .init import activation_step, mse_weight_step
+
+GRANULARITIES = ("per_tensor", "per_channel", "per_head")
+GRADIENT_SCALES = ("l1", "lsq")
+
+
+class FakeQuantizer(nn.Module):
+    """Shared bookkeeping: bit-width, integer range and how step sizes map onto channels.
+
+    Args:
+        bits (`int`): bit-width (1 = binary).
+        signed (`bool`): signed grid ``[-2^(b-1), 2^(b-1)-1]`` or unsigned ``[0, 2^b-1]``.
+        granularity (`str`): ``per_tensor``, ``per_channel`` or ``per_head``.
+        channels (`int`): size of the channel axis (out-features for weights, last dim for activations).
+        num_heads (`int`): number of heads, for ``per_head``.
+        gradient_scale (`str`): ``l1`` (the paper's module-dependent scale) or ``lsq``.
+    """
+
+    channel_axis = 0
+
+    def __init__(
+        self,
+        bits: int,
+        signed: bool = True,
+        granularity: str = "per_tensor",
+        channels: int = 1,
+        num_heads: int = 1,
+        gradient_scale: str = "l1",
+    ):
+        super().__init__()
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"`granularity` must be one of {GRANULARITIES}, got {granularity!r}.")
+        if gradient_scale not in GRADIENT_SCALES:
+            raise ValueError(f"`gradient_scale` must be one of {GRADIENT_SCALES}, got {gradient_scale!r}.")
+        if granularity == "per_head" and (num_heads < 1 or channels % num_heads):
+            raise ValueError(
+                f"`granularity='per_head'` needs a channel count divisible by the head count, "
+                f"got {channels} channels and {num_heads} heads."
+            )
+        self.bits, self.signed = bits, signed
+        self.granularity, self.gradient_scale = granularity, gradient_scale
+        self.channels, self.num_heads = channels, num_heads
+        if bits == 1:
+            self.qn, self.qp = (-1, 1) if signed else (0, 1)
+        else:
+            self.qn, self.qp = F.signed_range(bits) if signed else F.unsigned_range(bits)
+
+    @property
+    def num_groups(self) -> int:
+        return {"per_tensor": 1, "per_channel": self.channels, "per_head": self.num_heads}[self.granularity]
+
+    def expand(self, per_group: torch.Tensor, ndim: int) -> torch.Tensor:
+        """Broadcast a ``(num_groups,)`` tensor onto a tensor of rank ``ndim`` along `channel_axis`."""
+        if self.granularity == "per_tensor":
+            return per_group.reshape((1,) * ndim)
+        if self.granularity == "per_head":
+            per_group = per_group.repeat_interleave(self.channels // self.num_heads)
+        shape = [1] * ndim
+        shape[self.channel_axis] = self.channels
+        return per_group.reshape(shape)
+
+    def grouped(self, t: torch.Tensor) -> torch.Tensor:
+        """View ``t`` as ``(num_groups, n)`` rows, one row per step size."""
+        t = t.movedim(self.channel_axis, 0) if self.granularity != "per_tensor" else t
+        return t.reshape(self.num_groups, -1)
+
+    def extra_repr(self) -> str:
+        sign = "signed" if self.signed else "unsigned"
+        return f"bits={self.bits}, {sign}, granularity={self.granularity}"
+
+
+class LSQWeightQuantizer(FakeQuantizer):
+    """Learnable-step weight quantizer (method.md §3.2).
+
+    The step-size gradient is scaled by ``1/sqrt(‖W‖₁·Qp)`` (``l1``, the paper's form) or
+    ``1/sqrt(N·Qp)`` (``lsq``). Weights frozen by oscillation freezing are held at their
+    frozen integer code and get no gradient.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.step_size = nn.Parameter(torch.ones(self.num_groups))
+        self.frozen_mask: torch.Tensor | None = None
+        self.frozen_codes: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def initialize(self, weight: torch.Tensor) -> None:
+        """MSE-optimal step from the loaded weight (fixed point, per group)."""
+        step = mse_weight_step(self.grouped(weight.detach().float()), self.qn, self.qp)
+        self.step_size.copy_(step.to(self.step_size.dtype))
+
+    def step(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.expand(self.step_size, weight.ndim)
+
+    def codes(self, weight: torch.Tensor) -> torch.Tensor:
+        return F.integer_codes(weight, self.step(weight), self.qn, self.qp)
+
+    def grad_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            grouped = self.grouped(weight)
+            size = grouped.abs().sum(dim=1) if self.gradient_scale == "l1" else torch.full_like(
+                grouped[:, 0], grouped.shape[1]
+            )
+            return self.expand(torch.rsqrt(size.float().clamp_min(1e-12) * self.qp), weight.ndim)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        step = self.step(weight)
+        out = F.lsq_fake_quantize(weight, step, self.grad_scale(weight), self.qn, self.qp)
+        if self.frozen_mask is not None:
+            out = torch.where(self.frozen_mask, self.frozen_codes.to(out.dtype) * step, out)
+        return out
+
+
+class BinaryWeightQuantizer(FakeQuantizer):
+    """BWN binary weights: ``mean|W|·sign(W − mean W)`` per group, identity STE (BiT)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.frozen_mask: torch.Tensor | None = None
+        self.frozen_codes: torch.Tensor | None = None
+
+    def initialize(self, weight: torch.Tensor) -> None:
+        """Nothing to learn: the scale follows the weights."""
+
+    def _stats(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            grouped = self.grouped(weight)
+            scale = self.expand(grouped.abs().mean(dim=1), weight.ndim)
+            center = self.expand(grouped.mean(dim=1), weight.ndim)
+        return scale, center
+
+    def step(self, weight: torch.Tensor) -> torch.Tensor:
+        return self._stats(weight)[0]
+
+    def codes(self, weight: torch.Tensor) -> torch.Tensor:
+        center = self._stats(weight)[1]
+        with torch.no_grad():
+            return torch.where(weight >= center, 1.0, -1.0).to(weight.dtype)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        scale, center = self._stats(weight)
+        out = F.binary_weight(weight, scale, center)
+        if self.frozen_mask is not None:
+            out = torch.where(self.frozen_mask, self.frozen_codes.to(out.dtype) * scale, out)
+        return out
+
+
+class _ActivationQuantizer(FakeQuantizer):
+    """Learnable activation step with lazy first-batch initialisation.
+
+    ``calibrated`` is a persistent buffer, so a saved model remembers whether its steps were
+    initialised; `_calibrated` mirrors it as a Python flag to keep the forward free of
+    device syncs (and of graph breaks under ``torch.compile`` once calibrated).
+    """
+
+    channel_axis = -1
+
+    def __init__(self, *args, offset: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.step_size = nn.Parameter(torch.ones(self.num_groups))
+        self.offset = nn.Parameter(torch.zeros(1)) if offset else None
+        self.register_buffer("calibrated", torch.tensor(False))
+        self._calibrated = False
+
+    def sync_calibration_state(self) -> None:
+        """Refresh the Python mirror after weights were loaded from a checkpoint."""
+        self._calibrated = bool(self.calibrated.item())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.sync_calibration_state()
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Set the step from this batch (identical on every rank)."""
+        step = activation_step(x, self.qp, binary=self.bits == 1, unsigned=not self.signed)
+        self.step_size.copy_(step.expand_as(self.step_size).to(self.step_size.dtype))
+        self.calibrated.fill_(True)
+        self._calibrated = True
+
+    def grad_scale(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.numel() / self.num_groups
+        scale = 1.0 / (math.sqrt(n) * self.qp) if self.gradient_scale == "l1" else 1.0 / math.sqrt(n * self.qp)
+        return torch.tensor(scale, dtype=self.step_size.dtype, device=self.step_size.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._calibrated:
+            self.calibrate(x)
+        return self.quantize(x, self.expand(self.step_size, x.ndim))
+
+    def quantize(self, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LSQActivationQuantizer(_ActivationQuantizer):
+    """LSQ activation quantizer; with ``offset=True`` the LSQ+ learnable offset β (post-GELU sites)."""
+
+    def quantize(self, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        return F.lsq_fake_quantize(x, step, self.grad_scale(x), self.qn, self.qp, self.offset)
+
+
+class BinaryActivationQuantizer(_ActivationQuantizer):
+    """Signed elastic binary activation ``α·sign(x)`` with a learnable α (BiT)."""
+
+    def quantize(self, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        return F.signed_binarize(x, step, self.grad_scale(x))
+
+
+def make_weight_quantizer(bits: int, **kwargs) -> FakeQuantizer:
+    """BWN at 1 bit, signed LSQ otherwise."""
+    cls = BinaryWeightQuantizer if bits == 1 else LSQWeightQuantizer
+    return cls(bits, signed=True, **kwargs)
+
+
+def make_activation_quantizer(bits: int, signed: bool = True, offset: bool = False, **kwargs) -> FakeQuantizer:
+    """Elastic binary for signed 1-bit sites; LSQ (unsigned 1-bit = ``{0, α}``) otherwise."""
+    if bits == 1 and signed:
+        return BinaryActivationQuantizer(bits, signed=True, **kwargs)
+    return LSQActivationQuantizer(bits, signed=signed, offset=offset, **kwargs)

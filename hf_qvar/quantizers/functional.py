@@ -1,0 +1,129 @@
+"""Autograd primitives of hf_qvar: the only place where quantizer math lives.
+
+Every quantizer module, every training feature (OBR, oscillation tracking) and every
+accelerated path calls these functions, so the forward value and the gradient of a
+site are defined exactly once. Each is a `torch.autograd.Function` (no detach tricks):
+one fused backward, friendly to `torch.compile`.
+
+Notation follows method.md §3: ``x̂ = α·round(clip((x − β)/α, Qn, Qp)) + β``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def signed_range(bits: int) -> tuple[int, int]:
+    """Integer range of a signed b-bit code: ``[-2^(b-1), 2^(b-1) - 1]``."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def unsigned_range(bits: int) -> tuple[int, int]:
+    """Integer range of an unsigned b-bit code: ``[0, 2^b - 1]``."""
+    return 0, 2**bits - 1
+
+
+class _LSQFakeQuantize(torch.autograd.Function):
+    """LSQ / LSQ+ fake quantization with a straight-through round.
+
+    Gradients (Esser et al. 2020; LSQ+ for the offset):
+      * x: passes through inside ``[Qn, Qp]``, zero where clipped;
+      * α: ``round(v) − v`` inside, ``Qn``/``Qp`` where clipped, times ``grad_scale``;
+      * β: one where clipped, zero inside (no gradient scale, as the reference code).
+    ``step`` and ``offset`` may be any shape that broadcasts against ``x``; their
+    gradients are summed back to that shape.
+    """
+
+    @staticmethod
+    def forward(ctx, x, step, offset, grad_scale, qn: int, qp: int):
+        shifted = x if offset is None else x - offset
+        v = shifted / step
+        q = torch.clamp(torch.round(v), qn, qp)
+        out = q * step
+        if offset is not None:
+            out = out + offset
+        ctx.save_for_backward(x, step, offset, grad_scale)
+        ctx.qn, ctx.qp = qn, qp
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, step, offset, grad_scale = ctx.saved_tensors
+        shifted = x if offset is None else x - offset
+        v = shifted / step
+        inside = (v >= ctx.qn) & (v <= ctx.qp)
+        q = torch.clamp(torch.round(v), ctx.qn, ctx.qp)
+        grad_x = grad_out * inside
+        # d x̂ / d α = q − v inside, q (= Qn or Qp) outside.
+        d_step = torch.where(inside, q - v, q)
+        grad_step = (grad_out * d_step).sum_to_size(step.shape) * grad_scale
+        grad_offset = None
+        if offset is not None:
+            grad_offset = (grad_out * (~inside)).sum_to_size(offset.shape)
+        return grad_x, grad_step, grad_offset, None, None, None
+
+
+class _SignedBinarize(torch.autograd.Function):
+    """Elastic binary activation ``x̂ = α·sign(x)`` (BiT, Liu et al. 2022).
+
+    x-gradient is straight-through where ``|x/α| ≤ 1``; α-gradient is
+    ``Σ sign(x)·grad·grad_scale``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, step, grad_scale):
+        sign = torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+        ctx.save_for_backward(x, step, grad_scale)
+        return (sign * step).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, step, grad_scale = ctx.saved_tensors
+        sign = torch.where(x >= 0, 1.0, -1.0).to(grad_out.dtype)
+        grad_x = grad_out * ((x / step).abs() <= 1)
+        grad_step = (grad_out * sign).sum_to_size(step.shape) * grad_scale
+        return grad_x, grad_step, None
+
+
+class _BinaryWeight(torch.autograd.Function):
+    """BWN weight binarization ``ŵ = mean|W|·sign(W − mean W)`` with an identity STE.
+
+    ``scale`` (mean |W| per group) and ``center`` (mean W per group) are computed by the
+    caller without gradient, as in BiT's ``BwnQuantizer``.
+    """
+
+    @staticmethod
+    def forward(ctx, w, scale, center):
+        return torch.where(w >= center, scale, -scale).to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return grad_out, None, None
+
+
+def lsq_fake_quantize(
+    x: torch.Tensor,
+    step: torch.Tensor,
+    grad_scale: torch.Tensor,
+    qn: int,
+    qp: int,
+    offset: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fake-quantize ``x`` on the grid ``step·[qn..qp] (+ offset)``; see `_LSQFakeQuantize`."""
+    return _LSQFakeQuantize.apply(x, step, offset, grad_scale, qn, qp)
+
+
+def signed_binarize(x: torch.Tensor, step: torch.Tensor, grad_scale: torch.Tensor) -> torch.Tensor:
+    """``α·sign(x)`` with BiT's elastic gradients; see `_SignedBinarize`."""
+    return _SignedBinarize.apply(x, step, grad_scale)
+
+
+def binary_weight(w: torch.Tensor, scale: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """``scale·sign(w − center)`` with an identity straight-through gradient."""
+    return _BinaryWeight.apply(w, scale, center)
+
+
+def integer_codes(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
+    """The integer codes ``round(clip(x/α, Qn, Qp))`` (no gradient), used by OBR and tracking."""
+    with torch.no_grad():
+        return torch.clamp(torch.round(x / step), qn, qp)
