@@ -1,0 +1,2 @@
+def main():
+    raise SystemExit("hf-qvar: no command yet")
