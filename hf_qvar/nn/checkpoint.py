@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quantizers.fake_quantizer import FakeQuantizer
+from ..quantizers.fake_quantizer import FakeQuantizer, mark_step_parameters
 
 
 def quantizer_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -45,6 +45,7 @@ def validate_loaded_quantizers(model: nn.Module, missing_keys: set[str] | None =
                     f"Quantizer step size {name!r} in the checkpoint must be finite and positive, got "
                     f"{data.flatten()[:4].tolist()}. The checkpoint is corrupt or diverged during training."
                 )
+    mark_step_parameters(model)
     for module in model.modules():
         if hasattr(module, "sync_calibration_state"):
             module.sync_calibration_state()

@@ -19,12 +19,46 @@ import math
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import functional as F
 from .init import activation_step, mse_weight_step
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_head")
 GRADIENT_SCALES = ("l1", "lsq")
+#: Smallest step size an optimizer step may leave behind (the reference clamps to 1e-4 in the forward).
+MIN_STEP = 1e-6
+
+
+def positive_step_parameter(num_groups: int) -> nn.Parameter:
+    """A step-size Parameter that `clamp_step_sizes` keeps ≥ `MIN_STEP` after every optimizer step."""
+    param = nn.Parameter(torch.ones(num_groups))
+    param._qvar_positive = True
+    return param
+
+
+@torch.no_grad()
+def clamp_step_sizes(optimizer: torch.optim.Optimizer, *args, **kwargs) -> None:
+    """Global optimizer post-step hook: project every step size back to ``≥ MIN_STEP``.
+
+    Doing the reference's clamp after the update instead of inside the forward keeps the
+    forward free of in-place parameter writes (``torch.compile``-friendly) and guarantees that
+    saved checkpoints hold positive steps whichever training loop is used.
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if getattr(param, "_qvar_positive", False):
+                param.clamp_(min=MIN_STEP)
+
+
+def mark_step_parameters(model: nn.Module) -> None:
+    """Re-tag step sizes after a loader replaced the Parameter objects."""
+    for name, param in model.named_parameters():
+        if name.endswith("step_size"):
+            param._qvar_positive = True
+
+
+register_optimizer_step_post_hook(clamp_step_sizes)
 
 
 class FakeQuantizer(nn.Module):
@@ -102,7 +136,7 @@ class LSQWeightQuantizer(FakeQuantizer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.step_size = nn.Parameter(torch.ones(self.num_groups))
+        self.step_size = positive_step_parameter(self.num_groups)
         self.frozen_mask: torch.Tensor | None = None
         self.frozen_codes: torch.Tensor | None = None
 
@@ -180,7 +214,7 @@ class _ActivationQuantizer(FakeQuantizer):
 
     def __init__(self, *args, offset: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.step_size = nn.Parameter(torch.ones(self.num_groups))
+        self.step_size = positive_step_parameter(self.num_groups)
         self.offset = nn.Parameter(torch.zeros(1)) if offset else None
         self.register_buffer("calibrated", torch.tensor(False))
         self._calibrated = False
