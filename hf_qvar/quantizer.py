@@ -95,3 +95,16 @@ class QVarHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+def quantize_model(model, config: QVarConfig):
+    """Quantize an already-built model in place, exactly as ``from_pretrained(..., quantization_config=config)`` would.
+
+    Useful for models built from a config (random weights) or modified in memory; the result saves with
+    ``save_pretrained`` and reloads with ``from_pretrained`` like any qvar model.
+    """
+    quantizer = QVarHfQuantizer(config, pre_quantized=False)
+    quantizer.preprocess_model(model)
+    quantizer.postprocess_model(model)
+    model.hf_quantizer = quantizer
+    return model

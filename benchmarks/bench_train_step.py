@@ -1,0 +1,135 @@
+"""Training-step time and peak memory of quantized vs full-precision models, side by side in one run.
+
+BERT-base-sized (12×768, seq 128, batch 32) and DeiT-S-sized (12×384, 224², patch 16, batch 64) models with
+random weights, bf16 autocast, AdamW; full precision vs W4A4 / W1A1 (Linear layers incl. Q/K/V outputs), eager
+and ``torch.compile``; attention-probability quantization measured separately (it replaces fused attention).
+
+    python benchmarks/bench_train_step.py --out benchmarks/results/train_step_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import transformers
+from transformers import BertConfig, BertForSequenceClassification, DeiTConfig, DeiTForImageClassification
+
+import hf_qvar
+from hf_qvar import QVarConfig, quantize_model
+
+MODELS = {
+    "bert-base": (lambda: BertForSequenceClassification(BertConfig(num_labels=2)), 32),
+    "deit-s": (
+        lambda: DeiTForImageClassification(
+            DeiTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, num_labels=1000)
+        ),
+        64,
+    ),
+}
+VARIANTS = {
+    "fp": None,
+    "w4a4": dict(bits=4, quantize_attention_probs=False),
+    "w1a1": dict(bits=1, quantize_attention_probs=False),
+    "w4a4+probs": dict(bits=4, quantize_attention_probs=True),
+    "w1a1+probs": dict(bits=1, quantize_attention_probs=True),
+}
+
+
+def make_batch(name: str, batch: int, device: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    if name.startswith("bert"):
+        ids = torch.randint(1000, 20000, (batch, 128), generator=g)
+        return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+                "labels": torch.randint(0, 2, (batch,), generator=g).to(device)}
+    return {"pixel_values": torch.randn(batch, 3, 224, 224, generator=g).to(device),
+            "labels": torch.randint(0, 1000, (batch,), generator=g).to(device)}
+
+
+def build(name: str, variant: str, device: str):
+    torch.manual_seed(0)
+    make, batch = MODELS[name]
+    model = make().to(device)
+    if VARIANTS[variant] is not None:
+        quantize_model(model, QVarConfig(**VARIANTS[variant]))
+    return model.train(), batch
+
+
+def time_steps(model, batch: dict, compiled: bool, warmup: int, iters: int) -> tuple[float, float, float]:
+    """Median and spread of step time (ms) and peak memory (GiB) of forward+backward+AdamW."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=torch.cuda.is_available())
+    forward = torch.compile(model) if compiled else model
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = forward(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    q1, _, q3 = statistics.quantiles(times, n=4)
+    return statistics.median(times), q3 - q1, peak
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"])
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    rows = []
+    for name in args.models:
+        for mode in args.modes:
+            for variant in args.variants:
+                model, batch_size = build(name, variant, "cuda")
+                batch = make_batch(name, batch_size, "cuda")
+                t0 = time.time()
+                ms, iqr, peak = time_steps(model, batch, mode == "compiled", args.warmup, args.iters)
+                rows.append(dict(model=name, mode=mode, variant=variant, batch=batch_size, step_ms=round(ms, 3),
+                                 step_ms_iqr=round(iqr, 3), peak_gib=round(peak, 3), wall_s=round(time.time() - t0, 1)))
+                print(json.dumps(rows[-1]), flush=True)
+                del model
+                torch.cuda.empty_cache()
+    for row in rows:
+        fp = next(r for r in rows if r["model"] == row["model"] and r["mode"] == row["mode"] and r["variant"] == "fp")
+        row["time_vs_fp"] = round(row["step_ms"] / fp["step_ms"], 3)
+        row["memory_vs_fp"] = round(row["peak_gib"] / fp["peak_gib"], 3)
+    result = dict(
+        command="python " + " ".join(sys.argv),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=torch.cuda.get_device_name(), python=platform.python_version(), torch=torch.__version__,
+        transformers=transformers.__version__, hf_qvar=hf_qvar.__version__, rows=rows,
+    )
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"{'model':10} {'mode':9} {'variant':11} {'ms':>8} {'x FP':>6} {'GiB':>6} {'mem x':>6}")
+    for r in rows:
+        print(f"{r['model']:10} {r['mode']:9} {r['variant']:11} {r['step_ms']:8.2f} {r['time_vs_fp']:6.2f} "
+              f"{r['peak_gib']:6.2f} {r['memory_vs_fp']:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
