@@ -181,8 +181,17 @@ def test_binary_activation_init_and_levels():
 def test_activation_step_grad_scale_depends_on_batch_numel():
     quantizer = LSQActivationQuantizer(2)
     small, large = torch.randn(2, 8), torch.randn(8, 8)
-    assert quantizer.grad_scale(small).item() == pytest.approx(1 / (math.sqrt(16) * 1))
-    assert quantizer.grad_scale(large).item() == pytest.approx(1 / (math.sqrt(64) * 1))
+    assert quantizer.grad_scale(small) == pytest.approx(1 / (math.sqrt(16) * 1))
+    assert quantizer.grad_scale(large) == pytest.approx(1 / (math.sqrt(64) * 1))
+    lsq = LSQActivationQuantizer(2, gradient_scale="lsq")
+    assert lsq.grad_scale(large) == pytest.approx(1 / math.sqrt(64 * 1))
+    x = torch.randn(8, 8, requires_grad=True)
+    step = torch.tensor([0.5], requires_grad=True)
+    F.lsq_fake_quantize(x, step, 0.25, -2, 1).sum().backward()
+    float_grad = step.grad.clone()
+    step.grad = None
+    F.lsq_fake_quantize(x, step, torch.tensor(0.25), -2, 1).sum().backward()
+    torch.testing.assert_close(step.grad, float_grad)
 
 
 def test_activation_step_is_identical_across_ranks(tmp_path):

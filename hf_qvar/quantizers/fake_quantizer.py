@@ -235,10 +235,10 @@ class _ActivationQuantizer(FakeQuantizer):
         self.calibrated.fill_(True)
         self._calibrated = True
 
-    def grad_scale(self, x: torch.Tensor) -> torch.Tensor:
+    def grad_scale(self, x: torch.Tensor) -> float:
+        """A Python float: it depends only on shapes, so no device tensor (and no host-device copy) per call."""
         n = x.numel() / self.num_groups
-        scale = 1.0 / (math.sqrt(n) * self.qp) if self.gradient_scale == "l1" else 1.0 / math.sqrt(n * self.qp)
-        return torch.tensor(scale, dtype=self.step_size.dtype, device=self.step_size.device)
+        return 1.0 / (math.sqrt(n) * self.qp) if self.gradient_scale == "l1" else 1.0 / math.sqrt(n * self.qp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._calibrated:

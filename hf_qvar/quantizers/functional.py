@@ -23,6 +23,26 @@ def unsigned_range(bits: int) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
+GradScale = torch.Tensor | float
+
+
+def _save(ctx, grad_scale: GradScale, *tensors) -> None:
+    """Save tensors for backward; a float gradient scale rides on ``ctx`` (no host-to-device copy)."""
+    if isinstance(grad_scale, torch.Tensor):
+        ctx.save_for_backward(*tensors, grad_scale)
+        ctx.grad_scale = None
+    else:
+        ctx.save_for_backward(*tensors)
+        ctx.grad_scale = grad_scale
+
+
+def _saved(ctx) -> tuple[tuple, GradScale]:
+    if ctx.grad_scale is None:
+        *tensors, grad_scale = ctx.saved_tensors
+        return tuple(tensors), grad_scale
+    return ctx.saved_tensors, ctx.grad_scale
+
+
 class _LSQFakeQuantize(torch.autograd.Function):
     """LSQ / LSQ+ fake quantization with a straight-through round.
 
@@ -42,13 +62,13 @@ class _LSQFakeQuantize(torch.autograd.Function):
         out = q * step
         if offset is not None:
             out = out + offset
-        ctx.save_for_backward(x, step, offset, grad_scale)
+        _save(ctx, grad_scale, x, step, offset)
         ctx.qn, ctx.qp = qn, qp
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, step, offset, grad_scale = ctx.saved_tensors
+        (x, step, offset), grad_scale = _saved(ctx)
         shifted = x if offset is None else x - offset
         v = shifted / step
         inside = (v >= ctx.qn) & (v <= ctx.qp)
@@ -73,12 +93,12 @@ class _SignedBinarize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, step, grad_scale):
         sign = torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
-        ctx.save_for_backward(x, step, grad_scale)
+        _save(ctx, grad_scale, x, step)
         return (sign * step).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, step, grad_scale = ctx.saved_tensors
+        (x, step), grad_scale = _saved(ctx)
         sign = torch.where(x >= 0, 1.0, -1.0).to(grad_out.dtype)
         grad_x = grad_out * ((x / step).abs() <= 1)
         grad_step = (grad_out * sign).sum_to_size(step.shape) * grad_scale
@@ -104,7 +124,7 @@ class _BinaryWeight(torch.autograd.Function):
 def lsq_fake_quantize(
     x: torch.Tensor,
     step: torch.Tensor,
-    grad_scale: torch.Tensor,
+    grad_scale: GradScale,
     qn: int,
     qp: int,
     offset: torch.Tensor | None = None,
@@ -113,7 +133,7 @@ def lsq_fake_quantize(
     return _LSQFakeQuantize.apply(x, step, offset, grad_scale, qn, qp)
 
 
-def signed_binarize(x: torch.Tensor, step: torch.Tensor, grad_scale: torch.Tensor) -> torch.Tensor:
+def signed_binarize(x: torch.Tensor, step: torch.Tensor, grad_scale: GradScale) -> torch.Tensor:
     """``α·sign(x)`` with BiT's elastic gradients; see `_SignedBinarize`."""
     return _SignedBinarize.apply(x, step, grad_scale)
 
