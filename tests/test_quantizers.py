@@ -228,3 +228,11 @@ def test_frozen_weights_keep_code_and_get_no_gradient():
     out.sum().backward()
     assert torch.equal(out[0], quantizer.step_size.detach().expand(6))
     assert torch.equal(w.grad[0], torch.zeros(6)) and w.grad[1:].abs().sum() > 0
+    # The step gradient of frozen weights (their code, 1 each) carries the same L1 gradient scale.
+    step_grad = quantizer.step_size.grad.clone()
+    quantizer.step_size.grad = None
+    quantizer.frozen_mask = None
+    reference = quantizer(w.detach())
+    reference[1:].sum().backward()
+    expected = step_grad - 6 * quantizer.grad_scale(w.detach()).flatten()[0]
+    torch.testing.assert_close(quantizer.step_size.grad, expected.reshape(1))

@@ -162,9 +162,12 @@ class LSQWeightQuantizer(FakeQuantizer):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         step = self.step(weight)
-        out = F.lsq_fake_quantize(weight, step, self.grad_scale(weight), self.qn, self.qp)
+        grad_scale = self.grad_scale(weight)
+        out = F.lsq_fake_quantize(weight, step, grad_scale, self.qn, self.qp)
         if self.frozen_mask is not None:
-            out = torch.where(self.frozen_mask, self.frozen_codes.to(out.dtype) * step, out)
+            # Frozen weights contribute d(code·α)/dα = code, scaled like every other step gradient.
+            scaled_step = (step - step.detach()) * grad_scale + step.detach()
+            out = torch.where(self.frozen_mask, self.frozen_codes.to(out.dtype) * scaled_step, out)
         return out
 
 

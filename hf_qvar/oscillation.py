@@ -1,0 +1,215 @@
+"""Weight-oscillation tracking and freezing (Nagel et al. 2022; method.md §5.1–5.2).
+
+After every optimizer step, per quantized weight with integer code ``x_int``:
+
+* ``Δ = x_int − x_int_prev``, ``dir = sign(Δ)``; an **oscillation event** is ``dir·dir_prev_switch == −1``
+  (a move opposite to the last move), and ``dir_prev_switch`` is updated only where ``Δ ≠ 0``;
+* ``f ← m·event + (1 − m)·f``; the reported oscillation % is the share of weights with ``f > threshold``;
+* with freezing, a weight whose ``f`` passes ``freeze_threshold`` is frozen at ``round(EMA(x_int))`` (same
+  momentum): its quantizer's ``frozen_mask``/``frozen_codes`` hold it there in the forward and block its
+  latent-weight gradient. ``requires_grad`` is never touched, so DDP buckets stay valid.
+
+Frozen elements keep their integer code, not their value: the value is ``code·α`` and follows the learnt α.
+Tracking uses the code the forward actually uses (the frozen code once frozen), so frozen weights stop
+oscillating and their ``f`` decays. The reference's momentum 0.001 suits its 190k-step runs; the default here,
+0.01, reacts within ~100 steps, which fits fine-tuning runs of a few thousand steps.
+
+Everything is elementwise tensor work per layer (no Python loop over weights). The state (incl. frozen masks)
+round-trips through a safetensors file so Trainer checkpoints resume exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .nn.qlinear import QuantizedLayerMixin
+from .quantizers.fake_quantizer import BinaryWeightQuantizer
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "qvar_oscillation.safetensors"
+_FIELDS = ("prev_codes", "last_direction", "frequency", "ema_codes", "frozen_mask", "frozen_codes")
+
+
+def quantized_weight_layers(model: nn.Module) -> dict[str, QuantizedLayerMixin]:
+    """Name -> every quantized layer that has a weight quantizer."""
+    return {
+        name: m for name, m in model.named_modules()
+        if isinstance(m, QuantizedLayerMixin) and m.weight_quantizer is not None
+    }
+
+
+def _frozen_value_codes(quantizer: nn.Module, ema: torch.Tensor) -> torch.Tensor:
+    """``round(EMA(x_int))`` inside the quantizer's code set (±1 for BWN, where 0 is not a code)."""
+    if isinstance(quantizer, BinaryWeightQuantizer):
+        return torch.where(ema >= 0, 1.0, -1.0)
+    return torch.clamp(torch.round(ema), quantizer.qn, quantizer.qp)
+
+
+class OscillationTracker:
+    """EMA oscillation frequency per quantized weight, with optional freezing.
+
+    Args:
+        model (`nn.Module`): the (unwrapped) model holding `QuantizedLayerMixin` layers.
+        momentum (`float`, *optional*, defaults to 0.01): EMA momentum ``m`` of the frequency and of ``x_int``.
+        threshold (`float`, *optional*, defaults to 0.005): ``f`` above which a weight counts as oscillating.
+        freeze_threshold (`float`, *optional*): freeze weights whose ``f`` exceeds it; `None` = track only.
+    """
+
+    def __init__(
+        self, model: nn.Module, momentum: float = 0.01, threshold: float = 0.005, freeze_threshold: float | None = None
+    ):
+        if not 0 < momentum <= 1:
+            raise ValueError(f"`momentum` must be in (0, 1], got {momentum!r}.")
+        self.layers = quantized_weight_layers(model)
+        if not self.layers:
+            raise ValueError(f"{type(model).__name__} has no quantized layer to track.")
+        self.momentum, self.threshold, self.freeze_threshold = momentum, threshold, freeze_threshold
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+
+    @property
+    def initialized(self) -> bool:
+        return bool(self.state)
+
+    @torch.no_grad()
+    def _effective_codes(self, layer: QuantizedLayerMixin) -> torch.Tensor:
+        quantizer = layer.weight_quantizer
+        codes = quantizer.codes(layer.weight)
+        if quantizer.frozen_mask is not None:
+            codes = torch.where(quantizer.frozen_mask, quantizer.frozen_codes.to(codes.dtype), codes)
+        return codes.float()
+
+    @torch.no_grad()
+    def initialize(self) -> None:
+        """Record the current codes as the starting point (called before the first optimizer step)."""
+        for name, layer in self.layers.items():
+            codes = self._effective_codes(layer)
+            quantizer = layer.weight_quantizer
+            frozen = quantizer.frozen_mask if quantizer.frozen_mask is not None else torch.zeros_like(codes, dtype=torch.bool)
+            frozen_codes = quantizer.frozen_codes if quantizer.frozen_codes is not None else torch.zeros_like(codes)
+            self.state[name] = {
+                "prev_codes": codes.to(torch.int8),
+                "last_direction": torch.zeros_like(codes, dtype=torch.int8),
+                "frequency": torch.zeros_like(codes),
+                "ema_codes": codes.clone(),
+                "frozen_mask": frozen.clone(),
+                "frozen_codes": frozen_codes.to(torch.int8),
+            }
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """One tracking (and freezing) step; call right after each optimizer step."""
+        if not self.initialized:
+            self.initialize()
+            return
+        m = self.momentum
+        candidates = {}
+        for name, layer in self.layers.items():
+            s = self.state[name]
+            codes = self._effective_codes(layer)
+            delta = codes - s["prev_codes"].float()
+            direction = torch.sign(delta).to(torch.int8)
+            event = (direction * s["last_direction"]) == -1
+            s["last_direction"] = torch.where(delta != 0, direction, s["last_direction"])
+            s["frequency"].mul_(1 - m).add_(event.float(), alpha=m)
+            s["ema_codes"].mul_(1 - m).add_(codes, alpha=m)
+            s["prev_codes"] = codes.to(torch.int8)
+            if self.freeze_threshold is not None:
+                candidates[name] = (s["frequency"] > self.freeze_threshold) & ~s["frozen_mask"]
+        if candidates:
+            # One host sync per step for all layers, not one per layer.
+            any_new = torch.stack([c.any() for c in candidates.values()]).tolist()
+            for (name, newly), new in zip(candidates.items(), any_new):
+                if new:
+                    self._freeze(self.layers[name], self.state[name], newly)
+
+    def _freeze(self, layer: QuantizedLayerMixin, s: dict[str, torch.Tensor], newly: torch.Tensor) -> None:
+        codes = _frozen_value_codes(layer.weight_quantizer, s["ema_codes"]).to(torch.int8)
+        s["frozen_codes"] = torch.where(newly, codes, s["frozen_codes"])
+        s["frozen_mask"] = s["frozen_mask"] | newly
+        self._apply_frozen(layer, s)
+
+    @staticmethod
+    def _apply_frozen(layer: QuantizedLayerMixin, s: dict[str, torch.Tensor]) -> None:
+        quantizer = layer.weight_quantizer
+        if bool(s["frozen_mask"].any()):
+            quantizer.frozen_mask = s["frozen_mask"]
+            quantizer.frozen_codes = s["frozen_codes"].to(layer.weight.dtype)
+
+    @torch.no_grad()
+    def stats(self, per_layer: bool = False) -> dict[str, float]:
+        """``oscillation_pct`` and ``frozen_pct`` over all tracked weights (and per layer with ``per_layer``)."""
+        if not self.initialized:
+            return {}
+        out: dict[str, float] = {}
+        total = oscillating = frozen = 0
+        for name, s in self.state.items():
+            n_osc = int((s["frequency"] > self.threshold).sum())
+            n_frozen = int(s["frozen_mask"].sum())
+            numel = s["frequency"].numel()
+            total, oscillating, frozen = total + numel, oscillating + n_osc, frozen + n_frozen
+            if per_layer:
+                out[f"oscillation_pct/{name}"] = 100.0 * n_osc / numel
+                if self.freeze_threshold is not None:
+                    out[f"frozen_pct/{name}"] = 100.0 * n_frozen / numel
+        out["oscillation_pct"] = 100.0 * oscillating / total
+        if self.freeze_threshold is not None:
+            out["frozen_pct"] = 100.0 * frozen / total
+        return out
+
+    def save(self, path: str) -> None:
+        """Write the tracker state (incl. frozen masks and codes) to a safetensors file."""
+        tensors = {f"{name}.{field}": t.contiguous().cpu() for name, s in self.state.items() for field, t in s.items()}
+        metadata = {
+            "format": "hf_qvar.oscillation", "version": "1",
+            "config": json.dumps({"momentum": self.momentum, "threshold": self.threshold,
+                                  "freeze_threshold": self.freeze_threshold}),
+        }
+        save_file(tensors, path, metadata=metadata)
+
+    def load(self, path: str) -> None:
+        """Restore a state written by `save` and re-apply its frozen masks to the quantizers."""
+        tensors = load_file(path)
+        missing = [f"{n}.{f}" for n in self.layers for f in _FIELDS if f"{n}.{f}" not in tensors]
+        unexpected = sorted({k.rsplit(".", 1)[0] for k in tensors} - set(self.layers))
+        if missing or unexpected:
+            raise ValueError(
+                f"Oscillation state {path} does not match the model: missing {missing[:4]}, unexpected layers "
+                f"{unexpected[:4]}."
+            )
+        self.state = {}
+        for name, layer in self.layers.items():
+            device = layer.weight.device
+            self.state[name] = {f: tensors[f"{name}.{f}"].to(device) for f in _FIELDS}
+            layer.weight_quantizer.frozen_mask = layer.weight_quantizer.frozen_codes = None
+            self._apply_frozen(layer, self.state[name])
+
+
+@torch.no_grad()
+def bake_frozen_weights(model: nn.Module) -> int:
+    """Write ``W := frozen_code·step`` into every frozen latent weight; returns the number of baked weights.
+
+    Afterwards a plain ``save_pretrained`` → ``from_pretrained`` (which knows nothing about frozen masks)
+    reproduces the frozen forward bit-identically for LSQ layers: ``round(code·α/α) = code``. BWN layers
+    get the same treatment, but their per-matrix scale and center are recomputed from the baked weights, so
+    their values (not their frozen signs) may shift slightly; a warning says so.
+    """
+    baked = 0
+    for name, layer in quantized_weight_layers(model).items():
+        quantizer = layer.weight_quantizer
+        if quantizer.frozen_mask is None:
+            continue
+        value = quantizer.frozen_codes.to(layer.weight.dtype) * quantizer.step(layer.weight)
+        layer.weight.copy_(torch.where(quantizer.frozen_mask, value, layer.weight))
+        baked += int(quantizer.frozen_mask.sum())
+        if isinstance(quantizer, BinaryWeightQuantizer):
+            logger.warning(
+                "Baked frozen weights of BWN layer %s: the reloaded scale is recomputed from the baked weights, so "
+                "its values are not bit-identical to the frozen forward.", name,
+            )
+    return baked

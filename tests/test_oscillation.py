@@ -1,0 +1,124 @@
+"""Oscillation tracking on hand-computed code sequences, freezing, state round trip, baking before save."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_qvar import QVarConfig
+from hf_qvar.nn.qlinear import QuantizedLayerMixin
+from hf_qvar.oscillation import OscillationTracker, bake_frozen_weights
+from hf_qvar.quantizers.fake_quantizer import LSQWeightQuantizer
+from tests.conftest import auto_class, example_inputs
+
+
+class _Layer(QuantizedLayerMixin, torch.nn.Module):
+    """One quantized weight with step 1, so its codes are ``round(W)``."""
+
+    def __init__(self, values: list[float]):
+        torch.nn.Module.__init__(self)
+        self._init_quantizer_slots(None)
+        self.weight = torch.nn.Parameter(torch.tensor([values]))
+        self.weight_quantizer = LSQWeightQuantizer(4)
+
+
+class _Model(torch.nn.Module):
+    def __init__(self, values: list[float]):
+        super().__init__()
+        self.layer = _Layer(values)
+
+    def set_codes(self, codes: list[float]) -> None:
+        with torch.no_grad():
+            self.layer.weight.copy_(torch.tensor([codes]))
+
+
+def _run(sequences: list[list[int]], momentum: float, **kwargs) -> tuple[_Model, OscillationTracker]:
+    """Feed per-weight code sequences (columns = weights) through a tracker."""
+    steps = list(zip(*sequences))
+    model = _Model(list(map(float, steps[0])))
+    tracker = OscillationTracker(model, momentum=momentum, **kwargs)
+    tracker.initialize()
+    for codes in steps[1:]:
+        model.set_codes(list(map(float, codes)))
+        tracker.update()
+    return model, tracker
+
+
+def test_frequency_of_hand_computed_sequences():
+    m = 0.1
+    alternating = [0, 1] * 5           # events at steps 2..9
+    monotone = list(range(10))         # never reverses
+    pause_then_back = [0, 1, 1, 1, 0, 0, 0, 0, 0, 0]  # one event at step 4 (last move was +1)
+    staircase_up_down = [0, 1, 2, 2, 1, 1, 2, 2, 2, 2]  # events at steps 4 and 6
+    _, tracker = _run([alternating, monotone, pause_then_back, staircase_up_down], momentum=m)
+    freq = tracker.state["layer"]["frequency"][0]
+
+    def from_events(events: list[int], n: int = 9) -> float:
+        f = 0.0
+        for t in range(1, n + 1):
+            f = m * (t in events) + (1 - m) * f
+        return f
+
+    expected = [1 - (1 - m) ** 8, 0.0, from_events([4]), from_events([4, 6])]
+    torch.testing.assert_close(freq, torch.tensor(expected), rtol=1e-6, atol=1e-7)
+    assert tracker.state["layer"]["last_direction"][0].tolist() == [1, 1, -1, 1]
+    stats = tracker.stats(per_layer=True)
+    oscillating = sum(f > 0.005 for f in expected)
+    assert stats["oscillation_pct"] == pytest.approx(100 * oscillating / 4)
+    assert stats["oscillation_pct/layer"] == stats["oscillation_pct"]
+    assert "frozen_pct" not in stats
+
+
+def test_freezing_at_rounded_ema_holds_code_and_blocks_gradient():
+    m = 0.5
+    # weight 0 oscillates 0,1,0 → f = 0.5 at step 2, EMA = 0.25 → frozen at 0; weight 1 rises monotonically.
+    model, tracker = _run([[0, 1, 0], [2, 3, 4]], momentum=m, freeze_threshold=0.4)
+    q = model.layer.weight_quantizer
+    assert q.frozen_mask.tolist() == [[True, False]]
+    assert q.frozen_codes[0, 0].item() == 0.0
+    assert tracker.stats()["frozen_pct"] == 50.0
+    model.set_codes([3.0, 5.0])  # the latent weight moves, the frozen code does not
+    out = model.layer.quantized_weight()
+    assert out.tolist() == [[0.0, 5.0]]
+    out.sum().backward()
+    assert model.layer.weight.grad.tolist() == [[0.0, 1.0]]
+    tracker.update()  # tracking sees the frozen code: no new event, frequency decays
+    assert tracker.state["layer"]["frequency"][0, 0].item() == pytest.approx(0.25)
+
+
+def test_state_round_trip_restores_frozen_masks(tmp_path):
+    model, tracker = _run([[0, 1, 0, 1], [1, 2, 3, 4]], momentum=0.5, freeze_threshold=0.4)
+    path = str(tmp_path / "osc.safetensors")
+    tracker.save(path)
+    fresh = _Model([1.0, 4.0])
+    restored = OscillationTracker(fresh, momentum=0.5, freeze_threshold=0.4)
+    restored.load(path)
+    for field, value in tracker.state["layer"].items():
+        assert torch.equal(restored.state["layer"][field], value), field
+    assert torch.equal(fresh.layer.weight_quantizer.frozen_mask, model.layer.weight_quantizer.frozen_mask)
+    assert torch.equal(fresh.layer.weight_quantizer.frozen_codes, model.layer.weight_quantizer.frozen_codes)
+    with pytest.raises(ValueError, match="does not match"):
+        OscillationTracker(torch.nn.ModuleDict({"other": _Layer([0.0, 1.0])})).load(path)
+
+
+def test_bake_then_reload_reproduces_the_frozen_forward_bit_identically(tiny_checkpoints, tmp_path):
+    cls = auto_class("bert")
+    model = cls.from_pretrained(tiny_checkpoints["bert"], quantization_config=QVarConfig(bits=2)).eval()
+    inputs = example_inputs("bert")
+    g = torch.Generator().manual_seed(0)
+    for layer in model.modules():
+        if isinstance(layer, QuantizedLayerMixin):
+            q = layer.weight_quantizer
+            mask = torch.rand(layer.weight.shape, generator=g) < 0.3
+            codes = torch.randint(q.qn, q.qp + 1, layer.weight.shape, generator=g).float()
+            q.frozen_mask, q.frozen_codes = mask, codes
+    with torch.no_grad():
+        frozen_logits = model(**inputs).logits
+        assert bake_frozen_weights(model) > 0
+        assert torch.equal(model(**inputs).logits, frozen_logits)
+    model.save_pretrained(tmp_path)
+    reloaded = cls.from_pretrained(tmp_path).eval()
+    assert not any(getattr(m.weight_quantizer, "frozen_mask", None) is not None
+                   for m in reloaded.modules() if isinstance(m, QuantizedLayerMixin))
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, frozen_logits)
