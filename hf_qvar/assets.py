@@ -80,9 +80,10 @@ def rotten_tomatoes(cache_dir: str | None = None) -> datasets.DatasetDict:
         sentence=datasets.Value("string"), label=datasets.ClassLabel(names=["negative", "positive"])
     )
     splits = {"train": frame.iloc[ROTTEN_TOMATOES_DEV_SIZE:], "validation": frame.iloc[:ROTTEN_TOMATOES_DEV_SIZE]}
-    result = datasets.DatasetDict(
-        {name: datasets.Dataset.from_pandas(part, features=features, preserve_index=False) for name, part in splits.items()}
-    )
+    result = datasets.DatasetDict({
+        name: datasets.Dataset.from_pandas(part, features=features, preserve_index=False)
+        for name, part in splits.items()
+    })
     if cache_dir is not None:
         result.save_to_disk(os.path.join(cache_dir, "rotten_tomatoes"))
     return result

@@ -16,7 +16,9 @@ from sklearn.metrics import f1_score, matthews_corrcoef
 
 logger = logging.getLogger(__name__)
 
-GLUE_TASKS = ("cola", "mnli", "mnli_matched", "mnli_mismatched", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb", "wnli", "hans")
+GLUE_TASKS = (
+    "cola", "mnli", "mnli_matched", "mnli_mismatched", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb", "wnli", "hans",
+)
 
 
 def glue_compute(task: str, predictions: Sequence[Any], references: Sequence[Any]) -> dict[str, float]:
@@ -89,7 +91,8 @@ def make_compute_metrics(task: str | None = None, is_regression: bool = False) -
         predictions = np.squeeze(logits) if is_regression else np.argmax(logits, axis=-1)
         if metric is None:
             return {"mse": float(((predictions - prediction.label_ids) ** 2).mean())}
-        result = {k: float(v) for k, v in metric.compute(predictions=predictions, references=prediction.label_ids).items()}
+        result = metric.compute(predictions=predictions, references=prediction.label_ids)
+        result = {key: float(value) for key, value in result.items()}
         if len(result) > 1:
             result["combined_score"] = float(np.mean(list(result.values())))
         return result

@@ -50,20 +50,20 @@ class QVarTrainingArguments(TrainingArguments):
         default=8, metadata={"help": "Apply OBR to layers with at most this many weight bits (8 = all, as the reference)."}
     )
     track_oscillations: bool = field(
-        default=False, metadata={"help": "Track weight oscillations after every optimizer step and log oscillation %."}
+        default=False, metadata={"help": "Track weight oscillations after every optimizer step and log oscillation %%."}
     )
     oscillation_momentum: float = field(
         default=0.01, metadata={"help": "EMA momentum of the oscillation frequency (reference 0.001 for 190k-step runs)."}
     )
     oscillation_threshold: float = field(
-        default=0.005, metadata={"help": "Frequency above which a weight counts as oscillating in the logged %."}
+        default=0.005, metadata={"help": "Frequency above which a weight counts as oscillating in the logged %%."}
     )
     oscillation_freeze_threshold: float | None = field(
         default=None, metadata={"help": "Freeze weights whose oscillation frequency exceeds this (Nagel et al. use "
                                         "0.1-ish); implies --track_oscillations."}
     )
     oscillation_log_per_layer: bool = field(
-        default=False, metadata={"help": "Also log oscillation % and frozen % of every quantized layer."}
+        default=False, metadata={"help": "Also log oscillation %% and frozen %% of every quantized layer."}
     )
     step_size_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate of quantizer step sizes and offsets (default: learning_rate)."}

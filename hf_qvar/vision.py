@@ -17,15 +17,18 @@ import torch.nn.functional as F
 
 
 def to_tensor(image: Any, num_channels: int) -> torch.Tensor:
-    """A PIL image, an ``HxW``/``HxWxC`` array or nested list -> float ``CxHxW`` tensor in [0, 1]."""
+    """A PIL image, an ``HxW``/``HxWxC`` array or nested list -> float ``CxHxW`` tensor in [0, 1].
+
+    Integer values are 0-255 pixels (datasets hands uint8 arrays over as Python ints); floats are kept as is.
+    """
     if hasattr(image, "convert"):  # PIL
         image = image.convert("L" if num_channels == 1 else "RGB")
-    array = np.asarray(image)
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    array = np.array(image)  # a writable copy (PIL's array view is read-only)
+    tensor = torch.from_numpy(array)
     tensor = tensor.unsqueeze(0).expand(num_channels, -1, -1) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
     if tensor.shape[0] != num_channels:
         raise ValueError(f"Image has {tensor.shape[0]} channels but the model expects {num_channels}.")
-    return tensor.float() / 255.0 if array.dtype == np.uint8 else tensor.float()
+    return tensor.float() / 255.0 if np.issubdtype(array.dtype, np.integer) else tensor.float()
 
 
 def pad_to(image: torch.Tensor, size: int) -> torch.Tensor:
