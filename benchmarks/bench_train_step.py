@@ -36,6 +36,7 @@ MODELS = {
 VARIANTS = {
     "fp": None,
     "w4a4": dict(bits=4, quantize_attention_probs=False),
+    "w2a2": dict(bits=2, quantize_attention_probs=False),
     "w1a1": dict(bits=1, quantize_attention_probs=False),
     "w4a4+probs": dict(bits=4, quantize_attention_probs=True),
     "w1a1+probs": dict(bits=1, quantize_attention_probs=True),

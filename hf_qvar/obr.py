@@ -42,20 +42,35 @@ def _scale_grad(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (t - t.detach()) * scale + t.detach()
 
 
+class _BinSum(torch.autograd.Function):
+    """Per-bin sums through ``torch.bincount(weights=...)``: privatised histograms, no contended atomics
+    (``index_add`` into a handful of bins serialises millions of atomic adds on a GPU); backward is a gather."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, bins: torch.Tensor, num_bins: int) -> torch.Tensor:
+        ctx.save_for_backward(bins)
+        return torch.bincount(bins, weights=values, minlength=num_bins)[:num_bins]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (bins,) = ctx.saved_tensors
+        padded = torch.cat([grad, grad.new_zeros(1)])  # excluded elements carry the bin id ``num_bins``
+        return padded[bins.clamp_max(grad.numel())], None, None
+
+
 def binned_variance_sum(values: torch.Tensor, bins: torch.Tensor, num_bins: int) -> torch.Tensor:
     """Σ over bins with > 1 element of the unbiased variance of ``values`` in the bin, without a loop over bins.
 
-    ``bins`` holds integer bin ids in ``[0, num_bins)``, same shape as ``values``. Two-pass (mean, then squared
-    deviations) so low-variance bins do not lose precision; the gradient flows through the bin means too,
-    exactly as ``torch.var`` per bin.
+    ``bins`` holds integer bin ids in ``[0, num_bins)`` (id ``num_bins`` = left out), same shape as ``values``.
+    Uses ``(Σx² − (Σx)²/n)/(n − 1)`` accumulated in float64, so it needs no per-element gather of bin means and
+    no host synchronisation; the gradient equals that of ``torch.var`` per bin.
     """
-    values, bins = values.reshape(-1), bins.reshape(-1)
-    counts = torch.bincount(bins, minlength=num_bins).to(values.dtype)
-    sums = values.new_zeros(num_bins).index_add(0, bins, values)
-    means = sums / counts.clamp_min(1)
-    squared = values.new_zeros(num_bins).index_add(0, bins, (values - means[bins]) ** 2)
-    valid = counts > 1
-    return (squared[valid] / (counts[valid] - 1)).sum()
+    x, b = values.reshape(-1).double(), bins.reshape(-1)
+    counts = torch.bincount(b, minlength=num_bins)[:num_bins].double()
+    sums = _BinSum.apply(x, b, num_bins)
+    squares = _BinSum.apply(x * x, b, num_bins)
+    variance = (squares - sums * sums / counts.clamp_min(1)) / (counts - 1).clamp_min(1)
+    return torch.where(counts > 1, variance, torch.zeros_like(variance)).sum().to(values.dtype)
 
 
 def obr_layer_terms(layer: QuantizedLayerMixin, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,16 +89,18 @@ def obr_layer_terms(layer: QuantizedLayerMixin, reduction: str = "mean") -> tupl
     group_ids = torch.arange(quantizer.num_groups, device=weight.device)[:, None]
     bins = group_ids * num_codes + quantizer.grouped((codes - quantizer.qn).long())
     w_clip, target = quantizer.grouped(w_clip), quantizer.grouped(target)
-    mask = getattr(quantizer, "frozen_mask", None)
-    if mask is not None:
-        keep = ~quantizer.grouped(mask)
-        w_clip, target, bins = w_clip[keep], target[keep], bins[keep]
+    num_bins = quantizer.num_groups * num_codes
     squared = (target - w_clip) ** 2
-    if reduction == "mean":
-        term1 = squared.mean() if squared.numel() else squared.sum()
+    mask = getattr(quantizer, "frozen_mask", None)
+    if mask is not None:  # frozen weights leave both terms: masked, not indexed (no host sync)
+        keep = ~quantizer.grouped(mask)
+        bins = torch.where(keep, bins, num_bins)
+        squared = squared * keep
+        count = keep.sum()
     else:
-        term1 = squared.sum()
-    term2 = binned_variance_sum(w_clip, bins, quantizer.num_groups * num_codes)
+        count = squared.numel()
+    term1 = squared.sum() / (count if isinstance(count, int) else count.clamp_min(1)) if reduction == "mean" else squared.sum()
+    term2 = binned_variance_sum(w_clip, bins, num_bins)
     return term1, term2
 
 

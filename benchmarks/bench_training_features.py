@@ -1,0 +1,98 @@
+"""Cost of OBR + oscillation tracking + freezing on a BERT-base training step, measured side by side.
+
+Same model, batch and optimizer; the step with the features adds ``λ·L_OBR`` to the loss (λ > 0, so OBR is
+really computed), runs the oscillation tracker after every optimizer step, and has 10 % of every weight matrix
+frozen (so the frozen forward path runs).
+
+    python benchmarks/bench_training_features.py --out benchmarks/results/training_features_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+
+import torch
+import transformers
+
+import hf_qvar
+from bench_train_step import build, make_batch
+from hf_qvar.obr import obr_loss
+from hf_qvar.oscillation import OscillationTracker, quantized_weight_layers
+
+
+def freeze_a_tenth(model) -> None:
+    """Freeze a random 10 % of every quantized weight at its current code, as oscillation freezing would."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for layer in quantized_weight_layers(model).values():
+        quantizer = layer.weight_quantizer
+        with torch.no_grad():
+            quantizer.frozen_codes = quantizer.codes(layer.weight)
+        quantizer.frozen_mask = torch.rand(layer.weight.shape, generator=g, device="cuda") < 0.1
+
+
+def time_variant(features: bool, bits: int, warmup: int, iters: int) -> float:
+    model, batch_size = build("bert-base", f"w{bits}a{bits}", "cuda")
+    batch = make_batch("bert-base", batch_size, "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model(**batch)
+    tracker = None
+    if features:
+        freeze_a_tenth(model)
+        tracker = OscillationTracker(model, momentum=0.01, threshold=0.005, freeze_threshold=0.1)
+        tracker.initialize()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        if features:
+            loss = loss + 0.01 * obr_loss(model)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if tracker is not None:
+            tracker.update()
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 1])
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args()
+    rows = []
+    for bits in args.bits:
+        base = time_variant(False, bits, args.warmup, args.iters)
+        with_features = time_variant(True, bits, args.warmup, args.iters)
+        rows.append(dict(model="bert-base", batch=32, seq=128, bits=bits, mode="eager", base_ms=round(base, 3),
+                         obr_tracking_freezing_ms=round(with_features, 3), overhead=round(with_features / base - 1, 4)))
+        print(json.dumps(rows[-1]), flush=True)
+    result = dict(command="python " + " ".join(sys.argv),
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  device=torch.cuda.get_device_name(), python=platform.python_version(), torch=torch.__version__,
+                  transformers=transformers.__version__, hf_qvar=hf_qvar.__version__, rows=rows)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
