@@ -62,20 +62,31 @@ def build(name: str, variant: str, device: str):
     return model.train(), batch
 
 
-def time_steps(model, batch: dict, compiled: bool, warmup: int, iters: int, compile_mode: str | None = None) -> tuple[float, float, float]:
-    """Median and spread of step time (ms) and peak memory (GiB) of forward+backward+AdamW."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=torch.cuda.is_available())
+def calibrate(model, batch: dict) -> None:
+    """Initialise activation steps eagerly, so compiled graphs and timings see a calibrated model."""
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        model(**batch)  # calibrates activation steps eagerly, so the compiled graph sees a calibrated model
-    forward = torch.compile(model, mode=compile_mode) if compiled else model
+        model(**batch)
+
+
+def training_step(forward, optimizer, batch: dict, extra_loss=None, after_step=None):
+    """One bf16-autocast training step as a closure: forward, optional extra loss, backward, AdamW."""
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = forward(**batch).loss
+        if extra_loss is not None:
+            loss = loss + extra_loss()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
 
+    return step
+
+
+def timed(step, warmup: int, iters: int) -> tuple[float, float, float]:
+    """Median and inter-quartile range of ``step`` in ms (CUDA events), and peak memory in GiB."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
@@ -88,9 +99,17 @@ def time_steps(model, batch: dict, compiled: bool, warmup: int, iters: int, comp
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    peak = torch.cuda.max_memory_allocated() / 2**30
     q1, _, q3 = statistics.quantiles(times, n=4)
-    return statistics.median(times), q3 - q1, peak
+    return statistics.median(times), q3 - q1, torch.cuda.max_memory_allocated() / 2**30
+
+
+def time_steps(model, batch: dict, compiled: bool, warmup: int, iters: int,
+               compile_mode: str | None = None) -> tuple[float, float, float]:
+    """Step time (median, IQR; ms) and peak memory (GiB) of forward+backward+AdamW."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=torch.cuda.is_available())
+    calibrate(model, batch)
+    forward = torch.compile(model, mode=compile_mode) if compiled else model
+    return timed(training_step(forward, optimizer, batch), warmup, iters)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
                 batch = make_batch(name, batch_size, "cuda")
                 t0 = time.time()
                 ms, iqr, peak = time_steps(model, batch, mode == "compiled", args.warmup, args.iters, args.compile_mode)
-                rows.append(dict(model=name, mode=mode if mode == "eager" else f"compiled:{args.compile_mode or 'default'}", variant=variant, batch=batch_size, step_ms=round(ms, 3),
+                label = mode if mode == "eager" else f"compiled:{args.compile_mode or 'default'}"
+                rows.append(dict(model=name, mode=label, variant=variant, batch=batch_size, step_ms=round(ms, 3),
                                  step_ms_iqr=round(iqr, 3), peak_gib=round(peak, 3), wall_s=round(time.time() - t0, 1)))
                 print(json.dumps(rows[-1]), flush=True)
                 if args.rows:

@@ -13,14 +13,13 @@ import argparse
 import datetime
 import json
 import platform
-import statistics
 import sys
 
 import torch
 import transformers
 
 import hf_qvar
-from bench_train_step import build, make_batch
+from bench_train_step import build, calibrate, make_batch, timed, training_step
 from hf_qvar.obr import obr_loss
 from hf_qvar.oscillation import OscillationTracker, quantized_weight_layers
 
@@ -39,37 +38,14 @@ def time_variant(features: bool, bits: int, warmup: int, iters: int) -> float:
     model, batch_size = build("bert-base", f"w{bits}a{bits}", "cuda")
     batch = make_batch("bert-base", batch_size, "cuda")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        model(**batch)
-    tracker = None
-    if features:
-        freeze_a_tenth(model)
-        tracker = OscillationTracker(model, momentum=0.01, threshold=0.005, freeze_threshold=0.1)
-        tracker.initialize()
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**batch).loss
-        if features:
-            loss = loss + 0.01 * obr_loss(model)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if tracker is not None:
-            tracker.update()
-
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    calibrate(model, batch)
+    if not features:
+        return timed(training_step(model, optimizer, batch), warmup, iters)[0]
+    freeze_a_tenth(model)
+    tracker = OscillationTracker(model, momentum=0.01, threshold=0.005, freeze_threshold=0.1)
+    tracker.initialize()
+    step = training_step(model, optimizer, batch, extra_loss=lambda: 0.01 * obr_loss(model), after_step=tracker.update)
+    return timed(step, warmup, iters)[0]
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_train_step import MODELS, VARIANTS, build, make_batch
+from bench_train_step import MODELS, VARIANTS, build, calibrate, make_batch, training_step
 
 
 def main() -> None:
@@ -23,17 +23,8 @@ def main() -> None:
     model, batch_size = build(args.model, args.variant, "cuda")
     batch = make_batch(args.model, batch_size, "cuda")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        model(**batch)
-    forward = torch.compile(model) if args.compiled else model
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = forward(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    calibrate(model, batch)
+    step = training_step(torch.compile(model) if args.compiled else model, optimizer, batch)
     for _ in range(3):
         step()
     torch.cuda.synchronize()

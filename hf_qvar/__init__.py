@@ -4,18 +4,10 @@ Importing the package registers ``quant_method="qvar"`` with transformers, so
 ``from_pretrained(path)`` restores saved qvar models.
 """
 
+import importlib
+
 from .config import PAPER_BOUNDARY_OVERRIDES, QVarConfig
-from .nn import QConv2d, QLinear
-from .quantizer import QVarHfQuantizer, quantize_model
-from .registration import register
-
-register()
-
-__version__ = "0.1.0"
-
-__all__ = ["PAPER_BOUNDARY_OVERRIDES", "QConv2d", "QLinear", "QVarConfig", "QVarHfQuantizer", "__version__", "quantize_model", "register"]
-
-from .distill import (  # noqa: E402
+from .distill import (
     SoftLabels,
     attention_mse,
     hidden_state_mse,
@@ -26,8 +18,15 @@ from .distill import (  # noqa: E402
     topk_soft_labels,
     write_soft_labels,
 )
-from .obr import obr_lambda, obr_loss  # noqa: E402
-from .oscillation import OscillationTracker, bake_frozen_weights  # noqa: E402
+from .nn import QConv2d, QLinear
+from .obr import obr_lambda, obr_loss
+from .oscillation import OscillationTracker, bake_frozen_weights
+from .quantizer import QVarHfQuantizer, quantize_model
+from .registration import register
+
+register()
+
+__version__ = "0.1.0"
 
 # The Trainer classes load lazily: the autoload hook imports hf_qvar while transformers.modeling_utils is still
 # being imported, and importing transformers.Trainer at that point is circular.
@@ -36,14 +35,14 @@ _LAZY_EXPORTS = {"OscillationCallback": "trainer", "QVarTrainer": "trainer", "QV
 
 def __getattr__(name: str):
     if name in _LAZY_EXPORTS:
-        import importlib
-
         return getattr(importlib.import_module(f".{_LAZY_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ += [
-    "OscillationCallback", "OscillationTracker", "QVarTrainer", "QVarTrainingArguments", "SoftLabels", "attention_mse",
-    "bake_frozen_weights", "hidden_state_mse", "logit_distillation", "obr_lambda", "obr_loss", "read_soft_labels",
-    "recover_soft_labels", "soft_cross_entropy", "topk_soft_labels", "write_soft_labels",
+__all__ = [
+    "PAPER_BOUNDARY_OVERRIDES", "OscillationCallback", "OscillationTracker", "QConv2d", "QLinear", "QVarConfig",
+    "QVarHfQuantizer", "QVarTrainer", "QVarTrainingArguments", "SoftLabels", "__version__", "attention_mse",
+    "bake_frozen_weights", "hidden_state_mse", "logit_distillation", "obr_lambda", "obr_loss", "quantize_model",
+    "read_soft_labels", "recover_soft_labels", "register", "soft_cross_entropy", "topk_soft_labels",
+    "write_soft_labels",
 ]
