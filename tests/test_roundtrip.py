@@ -147,3 +147,25 @@ def test_dequantize_gives_plain_layers_with_the_quantized_weights(tiny_checkpoin
     plain = model.vit.layers[0].attention.q_proj
     assert type(plain) is torch.nn.Linear and torch.equal(plain.weight, expected)
     assert not any(isinstance(m, QuantizedLayerMixin) for m in model.modules())
+
+
+def test_quantize_model_matches_from_pretrained_and_reloads(tiny_checkpoints, tmp_path):
+    from hf_qvar import quantize_model
+
+    config = QVarConfig(bits=2)
+    loaded = auto_class("bert").from_pretrained(tiny_checkpoints["bert"], quantization_config=config).eval()
+    in_memory = quantize_model(auto_class("bert").from_pretrained(tiny_checkpoints["bert"]), config).eval()
+    inputs = example_inputs("bert")
+    with torch.no_grad():
+        expected = loaded(**inputs).logits
+        assert torch.equal(in_memory(**inputs).logits, expected)
+    in_memory.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(auto_class("bert").from_pretrained(tmp_path).eval()(**inputs).logits, expected)
+
+
+def test_offloading_device_map_is_refused_for_fresh_quantization(tiny_checkpoints):
+    device_map = {"bert": "cpu", "classifier": "disk"}
+    with pytest.raises(ValueError, match=r"cannot be offloaded: the `device_map` sends modules to \['cpu', 'disk'\]"):
+        auto_class("bert").from_pretrained(tiny_checkpoints["bert"], quantization_config=QVarConfig(bits=2),
+                                           device_map=device_map)
