@@ -1,2 +1,65 @@
-def main():
-    raise SystemExit("hf-qvar: no command yet")
+"""``hf-qvar`` command line (also ``python -m hf_qvar.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+from .analysis.sensitivity import RANK_KEYS
+
+
+def _analyze(args: argparse.Namespace) -> None:
+    """Load model + eval set, run `hf_qvar.analysis.analyze`, write the report folder."""
+    from .analysis import analyze, load_eval_set, load_model
+    from .analysis.report import write_report
+
+    start = time.perf_counter()
+    model_path = args.model
+    if model_path is None:
+        from .assets import minilm_path
+
+        model_path = minilm_path()
+    sentences, labels = load_eval_set(args.eval_file, args.num_samples)
+    model, tokenizer = load_model(model_path, num_labels=max(max(labels) + 1, 2))
+    result = analyze(
+        model, tokenizer, sentences, labels, bits=args.bits, training_run=args.training_run,
+        per_module=args.per_module, rank_by=args.rank_by, batch_size=args.batch_size, max_length=args.max_length,
+    )
+    result["model"] = args.model or "MiniLM-L6 (offline, hf_qvar.assets.minilm_path)"
+    result["eval_set"] = args.eval_file or "Rotten Tomatoes dev (offline, hf_qvar.assets.rotten_tomatoes)"
+    path = write_report(result, args.output_dir)
+    print(f"Report written to {path} in {time.perf_counter() - start:.1f} s.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-qvar", description="hf_qvar tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    analyze = commands.add_parser(
+        "analyze", help="Variation report: module sensitivity, outliers (kurtosis), oscillation.",
+        description="Quantize a model once, probe each module group alone on a small eval set, measure "
+                    "weight/activation outliers and read a QVarTrainer run's oscillation logs.",
+    )
+    analyze.add_argument("--model", help="from_pretrained path or Hub id (default: offline MiniLM-L6).")
+    analyze.add_argument("--eval_file", help="csv with sentence,label columns (default: offline Rotten Tomatoes dev).")
+    analyze.add_argument("--num_samples", type=int, default=512, help="eval sentences used (first N).")
+    analyze.add_argument("--bits", type=int, default=2, choices=(1, 2, 3, 4, 8), help="weight and activation bits.")
+    analyze.add_argument("--training_run", help="QVarTrainer output folder (trainer_state.json): oscillation curves.")
+    analyze.add_argument("--per_module", action="store_true", help="also probe each (layer, kind) cell alone.")
+    analyze.add_argument("--rank_by", default="accuracy_drop", choices=RANK_KEYS,
+                         help="sensitivity ranking; kl_to_fp suits models whose task head is untrained.")
+    analyze.add_argument("--batch_size", type=int, default=64)
+    analyze.add_argument("--max_length", type=int, default=64)
+    analyze.add_argument("--output_dir", required=True, help="report folder (report.md, report.json, *.png).")
+    analyze.set_defaults(func=_analyze)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

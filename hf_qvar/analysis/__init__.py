@@ -1,0 +1,14 @@
+"""Variation analysis (method.md §1, §9.3): module sensitivity, outliers (kurtosis, max/std) and weight
+oscillation, with a Markdown/PNG/JSON report. CLI: ``hf-qvar analyze``."""
+
+from .api import analyze, load_eval_set, load_model, make_batches
+from .oscillation import oscillation_curves, read_oscillation
+from .outliers import ActivationRecorder, Moments, outlier_table, weight_stats
+from .sensitivity import calibrate, evaluate, module_sensitivity
+from .sites import Site, find_sites, only_quantized, site_groups
+
+__all__ = [
+    "ActivationRecorder", "Moments", "Site", "analyze", "calibrate", "evaluate", "find_sites", "load_eval_set",
+    "load_model", "make_batches", "module_sensitivity", "only_quantized", "oscillation_curves", "outlier_table",
+    "read_oscillation", "site_groups", "weight_stats",
+]
