@@ -7,9 +7,9 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .quantizers.fake_quantizer import GRADIENT_SCALES, GRANULARITIES
+
 SUPPORTED_BITS = (1, 2, 3, 4, 8)
-GRANULARITIES = ("per_tensor", "per_channel", "per_head")
-GRADIENT_SCALES = ("l1", "lsq")
 MASTER_DTYPES = ("float32", "bfloat16", "float16")
 WEIGHT_QUANTIZERS = (None, "lsq", "bwn")
 OVERRIDE_KEYS = ("weight_bits", "act_bits", "quantize_input")

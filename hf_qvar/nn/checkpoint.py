@@ -18,17 +18,17 @@ def quantizer_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def validate_loaded_quantizers(model: nn.Module, missing_keys: set[str] | None = None) -> None:
+def validate_loaded_quantizers(model: nn.Module) -> None:
     """Refuse a checkpoint whose quantizer tensors are missing, non-finite or non-positive.
 
-    Missing tensors are found from ``missing_keys`` where the loader reports them (transformers 4.x) and
-    from the loader's ``_is_hf_initialized`` flags (5.x), which every loaded tensor carries.
+    Missing tensors are found from the loader's ``_is_hf_initialized`` flags (transformers 5.x), which every
+    loaded tensor carries.
     """
     tensors = quantizer_tensors(model)
     flags_used = any(hasattr(p, "_is_hf_initialized") for p in model.parameters())
     missing = sorted(
         name for name, t in tensors.items()
-        if (missing_keys and name in missing_keys) or (flags_used and not getattr(t, "_is_hf_initialized", False))
+        if flags_used and not getattr(t, "_is_hf_initialized", False)
     )
     if missing:
         shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")

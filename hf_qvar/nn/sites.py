@@ -60,7 +60,6 @@ class SiteSpec:
 
     role: str
     weight_bits: int
-    weight_quantizer: str
     weight_granularity: str
     input_bits: int | None
     input_signed: bool
@@ -91,7 +90,6 @@ def site_spec(config: QVarConfig, model: nn.Module, name: str) -> SiteSpec:
     return SiteSpec(
         role=role,
         weight_bits=weight_bits,
-        weight_quantizer="bwn" if weight_bits == 1 else "lsq",
         weight_granularity=granularity,
         input_bits=act_bits if quantize_input else None,
         input_signed=not unsigned_input,
