@@ -34,17 +34,25 @@ def freeze_a_tenth(model) -> None:
         quantizer.frozen_mask = torch.rand(layer.weight.shape, generator=g, device="cuda") < 0.1
 
 
-def time_variant(features: bool, bits: int, warmup: int, iters: int) -> float:
+FEATURES = ("obr", "tracking", "freezing")
+
+
+def time_variant(features: tuple[str, ...], bits: int, warmup: int, iters: int) -> float:
+    """Step time with the given subset of `FEATURES` switched on (``()`` = the plain QAT step)."""
     model, batch_size = build("bert-base", f"w{bits}a{bits}", "cuda")
     batch = make_batch("bert-base", batch_size, "cuda")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     calibrate(model, batch)
-    if not features:
-        return timed(training_step(model, optimizer, batch), warmup, iters)[0]
-    freeze_a_tenth(model)
-    tracker = OscillationTracker(model, momentum=0.01, threshold=0.005, freeze_threshold=0.1)
-    tracker.initialize()
-    step = training_step(model, optimizer, batch, extra_loss=lambda: 0.01 * obr_loss(model), after_step=tracker.update)
+    if "freezing" in features:
+        freeze_a_tenth(model)
+    tracker = None
+    if "tracking" in features:
+        tracker = OscillationTracker(model, momentum=0.01, threshold=0.005,
+                                     freeze_threshold=0.1 if "freezing" in features else None)
+        tracker.initialize()
+    extra_loss = (lambda: 0.01 * obr_loss(model)) if "obr" in features else None
+    step = training_step(model, optimizer, batch, extra_loss=extra_loss,
+                         after_step=tracker.update if tracker is not None else None)
     return timed(step, warmup, iters)[0]
 
 
@@ -56,12 +64,14 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
     rows = []
+    variants = [(f,) for f in FEATURES] + [FEATURES]
     for bits in args.bits:
-        base = time_variant(False, bits, args.warmup, args.iters)
-        with_features = time_variant(True, bits, args.warmup, args.iters)
-        rows.append(dict(model="bert-base", batch=32, seq=128, bits=bits, mode="eager", base_ms=round(base, 3),
-                         obr_tracking_freezing_ms=round(with_features, 3), overhead=round(with_features / base - 1, 4)))
-        print(json.dumps(rows[-1]), flush=True)
+        base = time_variant((), bits, args.warmup, args.iters)
+        for features in variants:
+            ms = time_variant(features, bits, args.warmup, args.iters)
+            rows.append(dict(model="bert-base", batch=32, seq=128, bits=bits, mode="eager", features="+".join(features),
+                             base_ms=round(base, 3), ms=round(ms, 3), overhead=round(ms / base - 1, 4)))
+            print(json.dumps(rows[-1]), flush=True)
     result = dict(command="python " + " ".join(sys.argv),
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   device=torch.cuda.get_device_name(), python=platform.python_version(), torch=torch.__version__,

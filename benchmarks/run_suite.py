@@ -1,0 +1,200 @@
+"""Run the example scripts' result suites (issue 4's tables) and record each run as a JSON file.
+
+A suite is a list of stages; the runs of a stage go in parallel (small models leave a GPU mostly idle, so
+several share it), a stage starts when the previous one has finished. Each run's JSON holds the exact command,
+device, versions, date, the final evaluation metrics, the best epoch's metrics and the wall time.
+
+    python benchmarks/run_suite.py text --seeds 1 2 --out benchmarks/results/text --runs_dir runs
+    python benchmarks/run_suite.py text --only w2a2 --seeds 1 --dry_run   # print the commands
+
+``--set KEY=VALUE`` replaces (or adds) ``--KEY VALUE`` in every command of the suite: used to shrink runs for
+tests (``--set max_steps=4``) and to point at carried copies of the offline assets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GLUE = os.path.join(ROOT, "examples", "glue", "run_glue.py")
+IMAGENET = os.path.join(ROOT, "examples", "imagenet", "run_imagenet.py")
+
+
+@dataclass
+class Run:
+    """One script invocation; ``{runs_dir}`` and ``{seed}`` in the arguments are filled in at launch."""
+
+    name: str
+    script: str
+    args: dict[str, str | None]  # flag -> value (None = bare boolean flag)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def _ablation(bits: int, base: dict, teacher: str, kd: dict, obr: dict, freeze: dict) -> list[tuple[str, dict]]:
+    """Issue 4's ladder: plain (classic LSQ gradient scale, hard labels) -> + module-dependent scales (L1 gradient
+    scale) -> + distillation -> + OBR -> + oscillation freezing (= the full recipe)."""
+    plain = dict(base, bits=str(bits), gradient_scale="lsq")
+    mdq = dict(plain, gradient_scale="l1")
+    distill = dict(mdq, teacher_model_name_or_path=teacher, **kd)
+    with_obr = dict(distill, **obr)
+    full = dict(with_obr, **freeze)
+    return [("plain", plain), ("mdq", mdq), ("kd", distill), ("obr", with_obr), ("full", full)]
+
+
+def text_suite(model: str) -> list[list[Run]]:
+    """MiniLM-L6 on Rotten Tomatoes: FP teacher, then W4A4 (full recipe) and the W2A2 / W1A1 ladders."""
+    common = dict(do_train=None, do_eval=None, max_seq_length="64", per_device_train_batch_size="32", per_device_eval_batch_size="256",
+                  weight_decay="0.01", warmup_steps="0.1", eval_strategy="epoch", save_strategy="no",
+                  logging_steps="50", report_to="none", seed="{seed}", dataloader_num_workers="2")
+    teacher = "{runs_dir}/text-fp-s1"
+    fp = Run("text-fp-s{seed}", GLUE, dict(common, model_name_or_path=model, learning_rate="5e-5",
+                                              num_train_epochs="4", output_dir="{runs_dir}/text-fp-s{seed}"),
+             tags=dict(model="MiniLM-L6", bits="fp", rung="fp"))
+    qat = dict(common, model_name_or_path=teacher, learning_rate="1e-4", num_train_epochs="8")
+    kd = dict(distillation_logits_weight="1.0", distillation_hidden_weight="1.0", ground_truth_weight="0.0")
+    obr = dict(obr_lambda_max="0.01")
+    freeze = dict(track_oscillations=None, oscillation_freeze_threshold="0.02")
+    runs = []
+    for bits in (1, 2, 4):
+        ladder = _ablation(bits, qat, teacher, kd, obr, freeze)
+        for rung, args in ladder if bits < 4 else ladder[-1:]:
+            name = f"text-w{bits}a{bits}-{rung}-s{{seed}}"
+            runs.append(Run(name, GLUE, dict(args, output_dir=f"{{runs_dir}}/{name}"),
+                            tags=dict(model="MiniLM-L6", bits=f"W{bits}A{bits}", rung=rung)))
+    return [[fp], runs]
+
+
+def vision_suite(teacher: str) -> list[list[Run]]:
+    """Fashion-MNIST DeiT: W4A4 / W3A3 (full recipe) and the W2A2 ladder, from and distilled by `teacher`."""
+    common = dict(do_train=None, do_eval=None, model_name_or_path=teacher, per_device_train_batch_size="128", per_device_eval_batch_size="1000",
+                  num_train_epochs="6", num_crops="4", crop_scale_min="0.35", eval_strategy="epoch",
+                  save_strategy="no", logging_steps="50", report_to="none", seed="{seed}",
+                  dataloader_num_workers="4")
+    kd = dict(distillation_logits_weight="1.0", distillation_hidden_weight="0.0", ground_truth_weight="0.0")
+    obr = dict(obr_lambda_max="0.01")
+    freeze = dict(track_oscillations=None, oscillation_freeze_threshold="0.02")
+    runs = []
+    for bits in (2, 3, 4):
+        ladder = _ablation(bits, common, teacher, kd, obr, freeze)
+        for rung, args in ladder if bits == 2 else ladder[-1:]:
+            if rung in ("plain", "mdq"):  # hard labels: one crop per image per step, as without multi-crop KD
+                args = dict(args, num_crops="1", per_device_train_batch_size="512")
+            name = f"vision-w{bits}a{bits}-{rung}-s{{seed}}"
+            runs.append(Run(name, IMAGENET, dict(args, output_dir=f"{{runs_dir}}/{name}"),
+                            tags=dict(model="DeiT (12x192, patch 4)", bits=f"W{bits}A{bits}", rung=rung)))
+    return [runs]
+
+
+def deit_pretrain_suite() -> list[list[Run]]:
+    """The full-precision DeiT pre-trained from scratch on Fashion-MNIST (QAT start point and teacher)."""
+    args = dict(do_train=None, do_eval=None, from_scratch=None, model_type="deit", output_dir="{runs_dir}/deit-fmnist-fp-s{seed}",
+                num_train_epochs="60", per_device_train_batch_size="256", per_device_eval_batch_size="1000",
+                learning_rate="1e-3", weight_decay="0.05", warmup_steps="0.05", crop_scale_min="0.5",
+                eval_strategy="epoch", save_strategy="no", logging_steps="100", report_to="none",
+                dataloader_num_workers="6", bf16=None, seed="{seed}")
+    patch2 = dict(args, output_dir="{runs_dir}/deit-p2-fmnist-fp-s{seed}", config_overrides='{"patch_size": 2}')
+    return [[Run("deit-fmnist-fp-s{seed}", IMAGENET, args, tags=dict(model="DeiT (12x192, patch 4)", bits="fp")),
+             Run("deit-p2-fmnist-fp-s{seed}", IMAGENET, patch2, tags=dict(model="DeiT (12x192, patch 2)", bits="fp"))]]
+
+
+def command(run: Run, seed: int, runs_dir: str, overrides: dict[str, str | None]) -> list[str]:
+    args = dict(run.args, **overrides)
+    argv = [sys.executable, run.script]
+    for flag, value in args.items():
+        argv.append(f"--{flag}")
+        if value is not None:
+            argv.append(value.format(seed=seed, runs_dir=runs_dir))
+    return argv
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return dict(python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
+                device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu")
+
+
+def _metrics(output_dir: str) -> dict:
+    """Final evaluation metrics, the per-epoch evaluations and the best epoch's accuracy from the Trainer files."""
+    with open(os.path.join(output_dir, "eval_results.json")) as handle:
+        final = json.load(handle)
+    state_file = os.path.join(output_dir, "trainer_state.json")
+    history = json.load(open(state_file))["log_history"] if os.path.isfile(state_file) else []
+    evals = [{k: v for k, v in h.items() if k in ("epoch", "step", "eval_accuracy", "eval_loss")}
+             for h in history if "eval_accuracy" in h]
+    train = {k: v for h in history if "train_runtime" in h for k, v in h.items()}
+    best = max((e["eval_accuracy"] for e in evals), default=final.get("eval_accuracy"))
+    return dict(final=final, best_eval_accuracy=best, epochs=evals, train=train)
+
+
+def launch(run: Run, seed: int, args: argparse.Namespace, overrides: dict) -> dict:
+    name = run.name.format(seed=seed)
+    argv = command(run, seed, args.runs_dir, overrides)
+    output_dir = argv[argv.index("--output_dir") + 1]
+    record = dict(name=name, seed=seed, tags=run.tags, command=shlex.join(["python"] + argv[1:]),
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **_versions())
+    if args.dry_run:
+        print(record["command"])
+        return record
+    os.makedirs(output_dir, exist_ok=True)
+    start = time.time()
+    with open(os.path.join(output_dir, "log.txt"), "w") as log:
+        returncode = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    record.update(returncode=returncode, wall_s=round(time.time() - start, 1))
+    if returncode == 0:
+        record.update(_metrics(output_dir))
+    else:
+        record["log_tail"] = open(os.path.join(output_dir, "log.txt")).read()[-3000:]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"{name}.json"), "w") as handle:
+        json.dump(record, handle, indent=1)
+    print(f"{name}: rc={returncode} wall={record['wall_s']}s acc={record.get('final', {}).get('eval_accuracy')}",
+          flush=True)
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("suite", choices=("text", "vision", "deit_pretrain"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1])
+    parser.add_argument("--out", required=True, help="Folder of the per-run JSON records.")
+    parser.add_argument("--runs_dir", default="runs", help="Folder of the runs' output directories.")
+    parser.add_argument("--model", default=None, help="text: the FP start checkpoint (default: offline MiniLM-L6).")
+    parser.add_argument("--teacher", default=None, help="vision: the pre-trained FP DeiT.")
+    parser.add_argument("--only", nargs="*", default=None, help="Keep runs whose name contains one of these.")
+    parser.add_argument("--skip_stages", type=int, default=0, help="Skip the first N stages (e.g. the teacher).")
+    parser.add_argument("--parallel", type=int, default=8)
+    parser.add_argument("--set", nargs="*", default=[], help="KEY=VALUE (or KEY) added to every command.")
+    parser.add_argument("--dry_run", action="store_true")
+    args = parser.parse_args(argv)
+    if args.suite == "text":
+        from hf_qvar import assets
+
+        stages = text_suite(args.model or assets.minilm_path())
+    elif args.suite == "vision":
+        if args.teacher is None:
+            parser.error("the vision suite needs --teacher (a pre-trained FP DeiT; see the deit_pretrain suite)")
+        stages = vision_suite(args.teacher)
+    else:
+        stages = deit_pretrain_suite()
+    overrides = dict(item.split("=", 1) if "=" in item else (item, None) for item in args.set)
+    for stage in stages[args.skip_stages:]:
+        runs = [r for r in stage if args.only is None or any(key in r.name for key in args.only)]
+        jobs = [(run, seed) for seed in args.seeds for run in runs]
+        with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+            list(pool.map(lambda job: launch(job[0], job[1], args, overrides), jobs))
+
+
+if __name__ == "__main__":
+    main()
