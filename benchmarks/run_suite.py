@@ -14,6 +14,7 @@ tests (``--set max_steps=4``) and to point at carried copies of the offline asse
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import json
 import os
@@ -55,15 +56,15 @@ def text_suite(model: str) -> list[list[Run]]:
     """MiniLM-L6 on Rotten Tomatoes: FP teacher, then W4A4 (full recipe) and the W2A2 / W1A1 ladders."""
     common = dict(do_train=None, do_eval=None, max_seq_length="64", per_device_train_batch_size="32", per_device_eval_batch_size="256",
                   weight_decay="0.01", warmup_steps="0.1", eval_strategy="epoch", save_strategy="no",
-                  logging_steps="50", report_to="none", seed="{seed}", dataloader_num_workers="2")
+                  logging_steps="50", report_to="none", seed="{seed}", dataloader_num_workers="0")
     teacher = "{runs_dir}/text-fp-s1"
     fp = Run("text-fp-s{seed}", GLUE, dict(common, model_name_or_path=model, learning_rate="5e-5",
                                               num_train_epochs="4", output_dir="{runs_dir}/text-fp-s{seed}"),
              tags=dict(model="MiniLM-L6", bits="fp", rung="fp"))
-    qat = dict(common, model_name_or_path=teacher, learning_rate="1e-4", num_train_epochs="8")
+    qat = dict(common, model_name_or_path=teacher, learning_rate="1e-4", num_train_epochs="6")
     kd = dict(distillation_logits_weight="1.0", distillation_hidden_weight="1.0", ground_truth_weight="0.0")
     obr = dict(obr_lambda_max="0.01")
-    freeze = dict(track_oscillations=None, oscillation_freeze_threshold="0.02")
+    freeze = dict(track_oscillations=None, oscillation_freeze_threshold="0.02", oscillation_log_per_layer=None)
     runs = []
     for bits in (1, 2, 4):
         ladder = _ablation(bits, qat, teacher, kd, obr, freeze)
@@ -82,7 +83,7 @@ def vision_suite(teacher: str) -> list[list[Run]]:
                   dataloader_num_workers="4")
     kd = dict(distillation_logits_weight="1.0", distillation_hidden_weight="0.0", ground_truth_weight="0.0")
     obr = dict(obr_lambda_max="0.01")
-    freeze = dict(track_oscillations=None, oscillation_freeze_threshold="0.02")
+    freeze = dict(track_oscillations=None, oscillation_freeze_threshold="0.02", oscillation_log_per_layer=None)
     runs = []
     for bits in (2, 3, 4):
         ladder = _ablation(bits, common, teacher, kd, obr, freeze)
@@ -125,17 +126,40 @@ def _versions() -> dict[str, str]:
                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu")
 
 
+def _number(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def _logged_dicts(log_file: str) -> list[dict]:
+    """The log dicts the Trainer printed (``{'eval_loss': ..., ...}`` lines): what is left of a killed run."""
+    found = []
+    for line in open(log_file, errors="replace").read().replace("\r", "\n").splitlines():
+        start, end = line.find("{"), line.rfind("}")
+        if 0 <= start < end:
+            try:
+                logged = ast.literal_eval(line[start : end + 1])
+            except (ValueError, SyntaxError):
+                continue
+            if isinstance(logged, dict):  # the console prints values as strings
+                found.append({k: _number(v) for k, v in logged.items()})
+    return found
+
+
 def _metrics(output_dir: str) -> dict:
-    """Final evaluation metrics, the per-epoch evaluations and the best epoch's accuracy from the Trainer files."""
-    with open(os.path.join(output_dir, "eval_results.json")) as handle:
-        final = json.load(handle)
+    """Final evaluation metrics (if the run finished), the per-epoch evaluations and the best accuracy."""
+    results = os.path.join(output_dir, "eval_results.json")
+    final = json.load(open(results)) if os.path.isfile(results) else None
     state_file = os.path.join(output_dir, "trainer_state.json")
-    history = json.load(open(state_file))["log_history"] if os.path.isfile(state_file) else []
+    history = (json.load(open(state_file))["log_history"] if os.path.isfile(state_file)
+               else _logged_dicts(os.path.join(output_dir, "log.txt")))
     evals = [{k: v for k, v in h.items() if k in ("epoch", "step", "eval_accuracy", "eval_loss")}
              for h in history if "eval_accuracy" in h]
     train = {k: v for h in history if "train_runtime" in h for k, v in h.items()}
-    best = max((e["eval_accuracy"] for e in evals), default=final.get("eval_accuracy"))
-    return dict(final=final, best_eval_accuracy=best, epochs=evals, train=train)
+    accuracies = [e["eval_accuracy"] for e in evals] + ([final["eval_accuracy"]] if final else [])
+    return dict(final=final, best_eval_accuracy=max(accuracies, default=None), epochs=evals, train=train)
 
 
 def launch(run: Run, seed: int, args: argparse.Namespace, overrides: dict) -> dict:
@@ -151,16 +175,14 @@ def launch(run: Run, seed: int, args: argparse.Namespace, overrides: dict) -> di
     start = time.time()
     with open(os.path.join(output_dir, "log.txt"), "w") as log:
         returncode = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    record.update(returncode=returncode, wall_s=round(time.time() - start, 1))
-    if returncode == 0:
-        record.update(_metrics(output_dir))
-    else:
-        record["log_tail"] = open(os.path.join(output_dir, "log.txt")).read()[-3000:]
+    record.update(returncode=returncode, wall_s=round(time.time() - start, 1), **_metrics(output_dir))
+    if returncode != 0:
+        record["log_tail"] = open(os.path.join(output_dir, "log.txt"), errors="replace").read()[-3000:]
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{name}.json"), "w") as handle:
         json.dump(record, handle, indent=1)
-    print(f"{name}: rc={returncode} wall={record['wall_s']}s acc={record.get('final', {}).get('eval_accuracy')}",
-          flush=True)
+    print(f"{name}: rc={returncode} wall={record['wall_s']}s best={record['best_eval_accuracy']} "
+          f"final={(record['final'] or {}).get('eval_accuracy')}", flush=True)
     return record
 
 
