@@ -48,7 +48,7 @@ from hf_qvar.script_utils import (
 )
 from hf_qvar.trainer import QVarTrainer
 from hf_qvar.training_args import QVarTrainingArguments
-from hf_qvar.vision import ImageTransform, collate_fn
+from hf_qvar.vision import ImageTransform, MultiCropCollator
 
 logger = logging.getLogger(__name__)
 
@@ -207,19 +207,23 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         train_dataset = raw["train"]
         if data_args.max_train_samples is not None:  # a random subset, not the first classes of a sorted folder
             train_dataset = truncate(train_dataset.shuffle(seed=training_args.seed), data_args.max_train_samples)
-        train_dataset.set_transform(transform(train=True, num_crops=data_args.num_crops,
-                                              scale=(data_args.crop_scale_min, data_args.crop_scale_max)))
+        train_dataset.set_transform(transform(train=True))
     if training_args.do_eval:
         eval_dataset = truncate(raw["validation"], data_args.max_eval_samples)
         eval_dataset.set_transform(transform(train=False))
 
+    # Trainer has one collator: it crops training items (random crops + flips per batch) and stacks evaluation ones.
+    collator = MultiCropCollator(size, mean=processor.image_mean, std=processor.image_std,
+                                 num_crops=data_args.num_crops,
+                                 scale=(data_args.crop_scale_min, data_args.crop_scale_max),
+                                 label_column=data_args.label_column_name)
     trainer = QVarTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=processor,
-        data_collator=functools.partial(collate_fn, label_column=data_args.label_column_name),
+        data_collator=collator,
         compute_metrics=make_compute_metrics(),
     )
     if training_args.do_train:
