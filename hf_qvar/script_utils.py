@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
+import torch
 import transformers
 from transformers import HfArgumentParser
 
@@ -109,6 +110,9 @@ class QuantizationArguments:
         return {} if quantization_config is None else {"quantization_config": quantization_config}
 
 
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
 @dataclass
 class BaseModelArguments:
     """Model arguments common to both scripts (transformers' example names)."""
@@ -122,10 +126,24 @@ class BaseModelArguments:
     token: str | None = field(default=None, metadata={"help": "Hub token for private checkpoints."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the Hub."})
     ignore_mismatched_sizes: bool = field(default=False, metadata={"help": "Re-initialise a head of another size."})
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype the model's weights are loaded in: float32 (trainable master weights; transformers "
+                          "5 would otherwise keep a half-precision checkpoint's dtype and train in it), bfloat16, "
+                          "float16 or auto (the checkpoint's). Quantized layers always use QVarConfig.master_dtype."},
+    )
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"`--dtype` must be one of {DTYPES}, got {self.dtype!r}.")
 
     def hub_kwargs(self) -> dict[str, Any]:
         return {"cache_dir": self.cache_dir, "revision": self.model_revision, "token": self.token,
                 "trust_remote_code": self.trust_remote_code}
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """`hub_kwargs` plus the load dtype, for the model's ``from_pretrained``."""
+        return dict(self.hub_kwargs(), dtype=self.dtype if self.dtype == "auto" else getattr(torch, self.dtype))
 
 
 def truncate(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:

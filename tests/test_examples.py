@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from hf_qvar import PAPER_BOUNDARY_OVERRIDES, QVarConfig, assets
@@ -100,6 +101,21 @@ def test_glue_tiny_bert_rotten_tomatoes_train_save_reload(run_glue, tiny_bert, t
         assert saved["quantization_config"]["quant_method"] == "qvar" and saved["quantization_config"]["bits"] == bits
     assert json.loads((tmp_path / "train" / "eval_results.json").read_text())["eval_accuracy"] == trained["eval_accuracy"]
     assert (tmp_path / "train" / "README.md").is_file()
+
+
+@needs_text_assets
+def test_glue_trains_a_half_precision_checkpoint_in_float32(run_glue, tiny_bert, tmp_path):
+    """transformers 5 loads a checkpoint in its saved dtype; fine-tuning an fp16 checkpoint must not train in fp16
+    (it diverges to NaN): the scripts load float32 master weights unless `--dtype` says otherwise."""
+    half = tmp_path / "half"
+    BertForSequenceClassification.from_pretrained(tiny_bert, dtype=torch.float16).save_pretrained(half)
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(half)
+    run_glue(["--model_name_or_path", str(half), "--output_dir", str(tmp_path / "out"), "--do_train",
+              *GLUE_SLICE, *COMMON])
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as saved:
+        assert {saved.get_tensor(k).dtype for k in saved.keys()} == {torch.float32}
+    with pytest.raises(ValueError, match="`--dtype` must be one of"):
+        run_glue(["--model_name_or_path", str(half), "--output_dir", str(tmp_path / "bad"), "--dtype", "fp32"])
 
 
 def _logged_keys(output_dir: Path) -> set[str]:

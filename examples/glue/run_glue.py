@@ -172,7 +172,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_path, **model_args.hub_kwargs())
     model = AutoModelForSequenceClassification.from_pretrained(
         model_path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-        **quant_args.from_pretrained_kwargs(config), **model_args.hub_kwargs(),
+        **quant_args.from_pretrained_kwargs(config), **model_args.model_kwargs(),
     )
 
     key1, key2 = sentence_keys(raw, data_args.task_name)

@@ -114,6 +114,7 @@ class ModelArguments(BaseModelArguments):
     image_processor_name: str | None = field(default=None, metadata={"help": "Image processor, if not the model's."})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.from_scratch and self.model_type not in SCRATCH_MODELS:
             raise ValueError(
                 f"`--from_scratch` needs `--model_type` in {sorted(SCRATCH_MODELS)}, got {self.model_type!r}."
@@ -181,7 +182,7 @@ def build_model(model_args: ModelArguments, quant_args: QuantizationArguments, l
                                         **label_kwargs, **model_args.hub_kwargs())
     model = AutoModelForImageClassification.from_pretrained(
         path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-        **quant_args.from_pretrained_kwargs(config, IMAGE_BOUNDARY_OVERRIDES), **model_args.hub_kwargs(),
+        **quant_args.from_pretrained_kwargs(config, IMAGE_BOUNDARY_OVERRIDES), **model_args.model_kwargs(),
     )
     processor = AutoImageProcessor.from_pretrained(model_args.image_processor_name or path, **model_args.hub_kwargs())
     return model, processor
