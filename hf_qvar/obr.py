@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from .nn.qlinear import QuantizedLayerMixin
+from .compile_utils import cuda_compiled
+from .quantizers import functional as F
 from .quantizers.fake_quantizer import BinaryWeightQuantizer
 
 REDUCTIONS = ("mean", "sum")
@@ -37,71 +39,80 @@ def obr_lambda(progress: float, lambda_max: float, start: float) -> float:
     return lambda_max - lambda_max / 2 * (1 + math.cos(math.pi * ramp))
 
 
-def _scale_grad(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Value of ``t``, gradient times ``scale`` (LSQ gradient-scale trick)."""
-    return (t - t.detach()) * scale + t.detach()
-
-
-class _BinSum(torch.autograd.Function):
-    """Per-bin sums through ``torch.bincount(weights=...)``: privatised histograms, no contended atomics
-    (``index_add`` into a handful of bins serialises millions of atomic adds on a GPU); backward is a gather."""
-
-    @staticmethod
-    def forward(ctx, values: torch.Tensor, bins: torch.Tensor, num_bins: int) -> torch.Tensor:
-        ctx.save_for_backward(bins)
-        return torch.bincount(bins, weights=values, minlength=num_bins)[:num_bins]
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (bins,) = ctx.saved_tensors
-        padded = torch.cat([grad, grad.new_zeros(1)])  # excluded elements carry the bin id ``num_bins``
-        return padded[bins.clamp_max(grad.numel())], None, None
+#: Code levels handled per pass of `binned_variance_sum` (≤ 4-bit codes: one pass; 8-bit: 16 passes).
+_LEVELS_PER_PASS = 16
 
 
 def binned_variance_sum(values: torch.Tensor, bins: torch.Tensor, num_bins: int) -> torch.Tensor:
     """Σ over bins with > 1 element of the unbiased variance of ``values`` in the bin, without a loop over bins.
 
-    ``bins`` holds integer bin ids in ``[0, num_bins)`` (id ``num_bins`` = left out), same shape as ``values``.
-    Uses ``(Σx² − (Σx)²/n)/(n − 1)`` accumulated in float64, so it needs no per-element gather of bin means and
-    no host synchronisation; the gradient equals that of ``torch.var`` per bin.
+    ``values`` and ``bins`` are ``(G, n)`` rows (or 1-D, one row); ``bins`` holds ids in ``[0, num_bins)``
+    (``num_bins`` = left out). Per-bin counts, sums and sums of squares come from one-hot masked reductions
+    (no scatter atomics, no host synchronisation, fused into one kernel when compiled), then
+    ``(Σx² − (Σx)²/n)/(n − 1)``; the gradient equals that of ``torch.var`` per bin. Callers pass values centred
+    per bin (OBR passes ``w_clip − code·α``), which keeps that formula free of cancellation.
     """
-    x, b = values.reshape(-1).double(), bins.reshape(-1)
-    counts = torch.bincount(b, minlength=num_bins)[:num_bins].double()
-    sums = _BinSum.apply(x, b, num_bins)
-    squares = _BinSum.apply(x * x, b, num_bins)
-    variance = (squares - sums * sums / counts.clamp_min(1)) / (counts - 1).clamp_min(1)
-    return torch.where(counts > 1, variance, torch.zeros_like(variance)).sum().to(values.dtype)
+    rows = values.shape[0] if values.ndim > 1 else 1
+    values, bins = values.reshape(rows, -1, 1), bins.reshape(rows, -1, 1)
+    total = values.new_zeros(())
+    for first in range(0, num_bins, _LEVELS_PER_PASS):
+        levels = torch.arange(first, min(first + _LEVELS_PER_PASS, num_bins), device=bins.device)
+        member = bins == levels  # (G, n, k)
+        counts = member.sum(dim=1).to(values.dtype)
+        sums = torch.where(member, values, 0).sum(dim=1)
+        squares = torch.where(member, values * values, 0).sum(dim=1)
+        variance = (squares - sums * sums / counts.clamp_min(1)) / (counts - 1).clamp_min(1)
+        total = total + torch.where(counts > 1, variance, 0).sum()
+    return total
+
+
+def _terms(residual: torch.Tensor, codes: torch.Tensor, frozen_mask: torch.Tensor | None, qn: int,
+           num_codes: int, groups: int, mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both OBR terms from ``residual = w_clip − code·α`` (term 1 = its square; term 2 = per-bin variance)."""
+    residual = residual.reshape(groups, -1)
+    bins = (codes.reshape(groups, -1) - qn).long()
+    squared = residual * residual
+    if frozen_mask is not None:  # frozen weights leave both terms: masked, not indexed (no host sync)
+        keep = ~frozen_mask.reshape(groups, -1)
+        bins = torch.where(keep, bins, num_codes)
+        squared = squared * keep
+        count = keep.sum().clamp_min(1)
+    else:
+        count = squared.numel()
+    term1 = squared.sum() / count if mean else squared.sum()
+    # One set of bins per step-size group: each row is one group's weights.
+    return term1, binned_variance_sum(residual, bins, num_codes)
+
+
+@cuda_compiled
+def lsq_obr_terms(weight: torch.Tensor, step: torch.Tensor, grad_scale: torch.Tensor,
+                  frozen_mask: torch.Tensor | None, qn: int, qp: int, groups: int,
+                  mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """OBR terms of an LSQ layer; gradients reach W inside the clip range and α (scaled by ``grad_scale``)."""
+    scaled_step = (step - step.detach()) * grad_scale + step.detach()
+    w_clip = torch.clamp(weight / scaled_step, qn, qp) * scaled_step
+    codes = F.integer_codes(weight, step.detach(), qn, qp)
+    return _terms(w_clip - codes * step.detach(), codes, frozen_mask, qn, qp - qn + 1, groups, mean)
+
+
+@cuda_compiled
+def binary_obr_terms(weight: torch.Tensor, scale: torch.Tensor, center: torch.Tensor,
+                     frozen_mask: torch.Tensor | None, groups: int, mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """OBR terms of a BWN layer: no clip, the scale is not learnt, bins are the two signs."""
+    codes = torch.where(weight.detach() >= center, 1.0, -1.0).to(weight.dtype)
+    # Codes are ±1: bin ids (code + 1) / 2 ∈ {0, 1}.
+    return _terms(weight - codes * scale, (codes + 1) / 2, frozen_mask, 0, 2, groups, mean)
 
 
 def obr_layer_terms(layer: QuantizedLayerMixin, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
     """(term 1, term 2) of one quantized layer (see the module docstring)."""
     quantizer, weight = layer.weight_quantizer, layer.weight
-    step = quantizer.step(weight)
-    codes = quantizer.codes(weight)
+    mask, groups, mean = getattr(quantizer, "frozen_mask", None), quantizer.num_groups, reduction == "mean"
     if isinstance(quantizer, BinaryWeightQuantizer):
-        # BWN has an identity STE and a scale computed from W without gradient: no clip, α is not learnt.
-        w_clip = weight
-    else:
-        step = _scale_grad(step, quantizer.grad_scale(weight))
-        w_clip = torch.clamp(weight / step, quantizer.qn, quantizer.qp) * step
-    target = (codes * step).detach()
-    num_codes = quantizer.qp - quantizer.qn + 1
-    group_ids = torch.arange(quantizer.num_groups, device=weight.device)[:, None]
-    bins = group_ids * num_codes + quantizer.grouped((codes - quantizer.qn).long())
-    w_clip, target = quantizer.grouped(w_clip), quantizer.grouped(target)
-    num_bins = quantizer.num_groups * num_codes
-    squared = (target - w_clip) ** 2
-    mask = getattr(quantizer, "frozen_mask", None)
-    if mask is not None:  # frozen weights leave both terms: masked, not indexed (no host sync)
-        keep = ~quantizer.grouped(mask)
-        bins = torch.where(keep, bins, num_bins)
-        squared = squared * keep
-        count = keep.sum()
-    else:
-        count = squared.numel()
-    term1 = squared.sum() / (count if isinstance(count, int) else count.clamp_min(1)) if reduction == "mean" else squared.sum()
-    term2 = binned_variance_sum(w_clip, bins, num_bins)
-    return term1, term2
+        scale, center = quantizer._stats(weight)
+        return binary_obr_terms(weight, scale, center, mask, groups, mean)
+    return lsq_obr_terms(weight, quantizer.step(weight), quantizer.grad_scale(weight), mask,
+                         quantizer.qn, quantizer.qp, groups, mean)
 
 
 def obr_layers(model: nn.Module, max_bits: int = 8) -> list[QuantizedLayerMixin]:
@@ -112,22 +123,26 @@ def obr_layers(model: nn.Module, max_bits: int = 8) -> list[QuantizedLayerMixin]
     ]
 
 
-def obr_loss(model: nn.Module, reduction: str = "mean", max_bits: int = 8) -> torch.Tensor:
-    """``L_OBR = Σ_layers (term1 + term2)`` over `obr_layers` (the reference includes 8-bit boundary layers;
-    lower ``max_bits`` to leave them out, method.md §10 #3).
+def obr_terms(model: nn.Module, reduction: str = "mean", max_bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ_layers term1, Σ_layers term2)`` over `obr_layers`: the dampening term and the summed per-bin
+    variance, which `QVarTrainer` logs separately (the bin variance over training is what OBR shrinks).
 
     Args:
         model (`nn.Module`): a model holding `QuantizedLayerMixin` layers.
         reduction (`str`, *optional*, defaults to ``"mean"``): term 1 as ``mean`` (reference code) or ``sum`` (paper).
-        max_bits (`int`, *optional*, defaults to 8): skip layers whose weights have more bits.
+        max_bits (`int`, *optional*, defaults to 8): skip layers whose weights have more bits (the reference
+            includes 8-bit boundary layers; lower it to leave them out, method.md §10 #3).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
     layers = obr_layers(model, max_bits)
     if not layers:
         raise ValueError(f"OBR found no quantized layer with at most {max_bits} weight bits in {type(model).__name__}.")
-    total = None
-    for layer in layers:
-        term1, term2 = obr_layer_terms(layer, reduction)
-        total = term1 + term2 if total is None else total + term1 + term2
-    return total
+    dampening, bin_variance = zip(*(obr_layer_terms(layer, reduction) for layer in layers))
+    return torch.stack(dampening).sum(), torch.stack(bin_variance).sum()
+
+
+def obr_loss(model: nn.Module, reduction: str = "mean", max_bits: int = 8) -> torch.Tensor:
+    """``L_OBR = Σ_layers (term1 + term2)``; arguments as `obr_terms`."""
+    dampening, bin_variance = obr_terms(model, reduction, max_bits)
+    return dampening + bin_variance

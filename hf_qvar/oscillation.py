@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .compile_utils import cuda_compiled
 from .nn.qlinear import QuantizedLayerMixin
 from .quantizers.fake_quantizer import BinaryWeightQuantizer
 
@@ -49,6 +50,22 @@ def _frozen_value_codes(quantizer: nn.Module, ema: torch.Tensor) -> torch.Tensor
     if isinstance(quantizer, BinaryWeightQuantizer):
         return torch.where(ema >= 0, 1.0, -1.0)
     return torch.clamp(torch.round(ema), quantizer.qn, quantizer.qp)
+
+
+@cuda_compiled
+def tracking_step(codes: torch.Tensor, prev_codes: torch.Tensor, last_direction: torch.Tensor, frequency: torch.Tensor,
+                  ema_codes: torch.Tensor, frozen_mask: torch.Tensor, momentum: float,
+                  freeze_threshold: float) -> torch.Tensor:
+    """Advance one layer's state in place from its current ``codes``; returns whether any weight not yet frozen
+    passed ``freeze_threshold`` (a 0-d bool tensor; pass a negative threshold when not freezing)."""
+    delta = codes - prev_codes.float()
+    direction = torch.sign(delta).to(torch.int8)
+    event = (direction * last_direction) == -1
+    last_direction.copy_(torch.where(delta != 0, direction, last_direction))
+    frequency.mul_(1 - momentum).add_(event.float(), alpha=momentum)
+    ema_codes.mul_(1 - momentum).add_(codes, alpha=momentum)
+    prev_codes.copy_(codes.to(torch.int8))
+    return ((frequency > freeze_threshold) & ~frozen_mask).any() if freeze_threshold >= 0 else frozen_mask.new_zeros(())
 
 
 class OscillationTracker:
@@ -107,26 +124,20 @@ class OscillationTracker:
         if not self.initialized:
             self.initialize()
             return
-        m = self.momentum
-        candidates = {}
+        flags = {}
         for name, layer in self.layers.items():
             s = self.state[name]
-            codes = self._effective_codes(layer)
-            delta = codes - s["prev_codes"].float()
-            direction = torch.sign(delta).to(torch.int8)
-            event = (direction * s["last_direction"]) == -1
-            s["last_direction"] = torch.where(delta != 0, direction, s["last_direction"])
-            s["frequency"].mul_(1 - m).add_(event.float(), alpha=m)
-            s["ema_codes"].mul_(1 - m).add_(codes, alpha=m)
-            s["prev_codes"] = codes.to(torch.int8)
-            if self.freeze_threshold is not None:
-                candidates[name] = (s["frequency"] > self.freeze_threshold) & ~s["frozen_mask"]
-        if candidates:
+            flags[name] = tracking_step(
+                self._effective_codes(layer), s["prev_codes"], s["last_direction"], s["frequency"], s["ema_codes"],
+                s["frozen_mask"], self.momentum, -1.0 if self.freeze_threshold is None else self.freeze_threshold,
+            )
+        if self.freeze_threshold is not None:
             # One host sync per step for all layers, not one per layer.
-            any_new = torch.stack([c.any() for c in candidates.values()]).tolist()
-            for (name, newly), new in zip(candidates.items(), any_new):
+            any_new = torch.stack(list(flags.values())).tolist()
+            for name, new in zip(flags, any_new):
                 if new:
-                    self._freeze(self.layers[name], self.state[name], newly)
+                    s = self.state[name]
+                    self._freeze(self.layers[name], s, (s["frequency"] > self.freeze_threshold) & ~s["frozen_mask"])
 
     def _freeze(self, layer: QuantizedLayerMixin, s: dict[str, torch.Tensor], newly: torch.Tensor) -> None:
         codes = _frozen_value_codes(layer.weight_quantizer, s["ema_codes"]).to(torch.int8)

@@ -4,7 +4,8 @@ What it adds, each switched by `QVarTrainingArguments`:
 
 * distillation from a full-precision teacher (logits, hidden states, attention maps) or from precomputed
   multi-crop ``soft_labels`` in the batch (`hf_qvar.distill`);
-* OBR with its cosine-ramped λ (`hf_qvar.obr`);
+* OBR with its cosine-ramped λ (`hf_qvar.obr`), its two terms logged apart (``obr_dampening``,
+  ``obr_bin_variance``: the summed per-bin variance of the latent weights);
 * oscillation tracking and freezing after every optimizer step (`hf_qvar.oscillation`), saved in and
   restored from Trainer checkpoints (``qvar_oscillation.safetensors``);
 * a step-size parameter group (own learning rate, no weight decay).
@@ -37,7 +38,7 @@ from transformers import AutoConfig, PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .distill import attention_mse, hidden_state_mse, logit_distillation, soft_cross_entropy
-from .obr import obr_lambda, obr_loss
+from .obr import obr_lambda, obr_terms
 from .oscillation import STATE_FILE, OscillationTracker, bake_frozen_weights
 from .training_args import QVarTrainingArguments
 
@@ -147,9 +148,12 @@ class QVarTrainer(Trainer):
         if self.args.obr_lambda_max > 0:
             self._record("obr_lambda", torch.tensor(lam, device=loss.device))
         if lam > 0:  # λ = 0 costs nothing: the regulariser is not even built.
-            reg = obr_loss(self.accelerator.unwrap_model(model), self.args.obr_reduction, self.args.obr_max_bits)
-            self._record("loss_obr", reg)
-            loss = loss + lam * reg
+            dampening, bin_variance = obr_terms(self.accelerator.unwrap_model(model), self.args.obr_reduction,
+                                                self.args.obr_max_bits)
+            self._record("loss_obr", dampening + bin_variance)
+            self._record("obr_dampening", dampening)
+            self._record("obr_bin_variance", bin_variance)
+            loss = loss + lam * (dampening + bin_variance)
         return (loss, outputs) if return_outputs else loss
 
     def _distillation_loss(self, model: nn.Module, inputs: dict[str, Any], soft_labels: torch.Tensor | None):

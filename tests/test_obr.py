@@ -137,3 +137,26 @@ def test_obr_loss_sums_every_quantized_layer_of_a_model(tiny_checkpoints):
         obr_loss(model, max_bits=1)
     with pytest.raises(ValueError, match="reduction"):
         obr_loss(model, reduction="max")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_compiled_obr_terms_match_eager(granularity):
+    """GPUs run the OBR terms through torch.compile (`cuda_compiled`); the compiled graph must give the eager
+    values and gradients. Checked here with the CPU backend, with frozen elements in play."""
+    from hf_qvar.obr import lsq_obr_terms
+
+    layer = _lsq_layer(2, granularity, seed=5)
+    q = layer.weight_quantizer.float()
+    weight = layer.weight.detach().float()
+    mask = torch.rand(weight.shape, generator=torch.Generator().manual_seed(0)) < 0.2
+    results = []
+    for fn in (lsq_obr_terms, lsq_obr_terms.compiled()):
+        w = weight.clone().requires_grad_()
+        step = q.step_size.detach().clone().requires_grad_()
+        expanded = q.expand(step, w.ndim)
+        term1, term2 = fn(w, expanded, q.grad_scale(w), mask, q.qn, q.qp, q.num_groups, True)
+        (term1 + 3 * term2).backward()
+        results.append((term1.detach(), term2.detach(), w.grad, step.grad))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-7)

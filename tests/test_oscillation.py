@@ -122,3 +122,21 @@ def test_bake_then_reload_reproduces_the_frozen_forward_bit_identically(tiny_che
                    for m in reloaded.modules() if isinstance(m, QuantizedLayerMixin))
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).logits, frozen_logits)
+
+
+@pytest.mark.slow
+def test_compiled_tracking_step_matches_eager():
+    """GPUs run `tracking_step` through torch.compile (in-place state updates included): same states as eager."""
+    from hf_qvar.oscillation import tracking_step
+
+    g = torch.Generator().manual_seed(0)
+    codes = [torch.randint(-2, 2, (5, 7), generator=g).float() for _ in range(6)]
+    states = []
+    for fn in (tracking_step, tracking_step.compiled()):
+        prev, last = codes[0].to(torch.int8), torch.zeros(5, 7, dtype=torch.int8)
+        freq, ema, frozen = torch.zeros(5, 7), codes[0].clone(), torch.zeros(5, 7, dtype=torch.bool)
+        flags = [fn(c, prev, last, freq, ema, frozen, 0.3, 0.4).item() for c in codes[1:]]
+        states.append((prev, last, freq, ema, flags))
+    for eager, compiled in zip(states[0][:4], states[1][:4]):
+        torch.testing.assert_close(compiled, eager)
+    assert states[0][4] == states[1][4] and any(states[0][4])

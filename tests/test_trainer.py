@@ -100,7 +100,10 @@ def test_distillation_with_gradient_accumulation_matches_full_batch(ckpt, tmp_pa
                                           gradient_accumulation_steps=2)
     assert [h["loss"] for h in full.state.log_history[:2]] == pytest.approx(
         [h["loss"] for h in accum.state.log_history[:2]], rel=1e-5)
-    assert "loss_obr" in full.state.log_history[1] and full.state.log_history[1]["obr_lambda"] > 0
+    logged = full.state.log_history[1]
+    assert "loss_obr" in logged and logged["obr_lambda"] > 0
+    assert logged["loss_obr"] == pytest.approx(logged["obr_dampening"] + logged["obr_bin_variance"], rel=1e-5)
+    assert logged["obr_bin_variance"] > 0
     for step, (a, b) in enumerate(zip(full_grads.grads, accum_grads.grads)):
         assert a.keys() == b.keys()
         for name in a:

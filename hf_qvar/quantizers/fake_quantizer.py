@@ -163,12 +163,8 @@ class LSQWeightQuantizer(FakeQuantizer):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         step = self.step(weight)
         grad_scale = self.grad_scale(weight)
-        out = F.lsq_fake_quantize(weight, step, grad_scale, self.qn, self.qp)
-        if self.frozen_mask is not None:
-            # Frozen weights contribute d(code·α)/dα = code, scaled like every other step gradient.
-            scaled_step = (step - step.detach()) * grad_scale + step.detach()
-            out = torch.where(self.frozen_mask, self.frozen_codes.to(out.dtype) * scaled_step, out)
-        return out
+        return F.lsq_fake_quantize(weight, step, grad_scale, self.qn, self.qp,
+                                   frozen_mask=self.frozen_mask, frozen_codes=self.frozen_codes)
 
 
 class BinaryWeightQuantizer(FakeQuantizer):
@@ -199,10 +195,7 @@ class BinaryWeightQuantizer(FakeQuantizer):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         scale, center = self._stats(weight)
-        out = F.binary_weight(weight, scale, center)
-        if self.frozen_mask is not None:
-            out = torch.where(self.frozen_mask, self.frozen_codes.to(out.dtype) * scale, out)
-        return out
+        return F.binary_weight(weight, scale, center, self.frozen_mask, self.frozen_codes)
 
 
 class _ActivationQuantizer(FakeQuantizer):

@@ -52,35 +52,43 @@ class _LSQFakeQuantize(torch.autograd.Function):
       * β: one where clipped, zero inside (no gradient scale, as the reference code).
     ``step`` and ``offset`` may be any shape that broadcasts against ``x``; their
     gradients are summed back to that shape.
+
+    Oscillation freezing (``frozen_mask``/``frozen_codes``): a frozen element outputs
+    ``frozen_code·α``, gets no x-gradient and gives α the gradient ``frozen_code`` (scaled
+    like the rest), all inside this one function instead of extra autograd ops per layer.
     """
 
     @staticmethod
-    def forward(ctx, x, step, offset, grad_scale, qn: int, qp: int):
+    def forward(ctx, x, step, offset, grad_scale, qn: int, qp: int, frozen_mask=None, frozen_codes=None):
         shifted = x if offset is None else x - offset
-        v = shifted / step
-        q = torch.clamp(torch.round(v), qn, qp)
+        q = torch.clamp(torch.round(shifted / step), qn, qp)
+        if frozen_mask is not None:
+            q = torch.where(frozen_mask, frozen_codes.to(q.dtype), q)
         out = q * step
         if offset is not None:
             out = out + offset
-        _save(ctx, grad_scale, x, step, offset)
+        _save(ctx, grad_scale, x, step, offset, frozen_mask, frozen_codes)
         ctx.qn, ctx.qp = qn, qp
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        (x, step, offset), grad_scale = _saved(ctx)
+        (x, step, offset, frozen_mask, frozen_codes), grad_scale = _saved(ctx)
         shifted = x if offset is None else x - offset
         v = shifted / step
         inside = (v >= ctx.qn) & (v <= ctx.qp)
         q = torch.clamp(torch.round(v), ctx.qn, ctx.qp)
-        grad_x = grad_out * inside
-        # d x̂ / d α = q − v inside, q (= Qn or Qp) outside.
+        # d x̂ / d α = q − v inside, q (= Qn or Qp) outside; the frozen code for frozen elements.
         d_step = torch.where(inside, q - v, q)
+        if frozen_mask is not None:
+            inside = inside & ~frozen_mask
+            d_step = torch.where(frozen_mask, frozen_codes.to(d_step.dtype), d_step)
+        grad_x = grad_out * inside
         grad_step = (grad_out * d_step).sum_to_size(step.shape) * grad_scale
         grad_offset = None
         if offset is not None:
             grad_offset = (grad_out * (~inside)).sum_to_size(offset.shape)
-        return grad_x, grad_step, grad_offset, None, None, None
+        return grad_x, grad_step, grad_offset, None, None, None, None, None
 
 
 class _SignedBinarize(torch.autograd.Function):
@@ -109,16 +117,23 @@ class _BinaryWeight(torch.autograd.Function):
     """BWN weight binarization ``ŵ = mean|W|·sign(W − mean W)`` with an identity STE.
 
     ``scale`` (mean |W| per group) and ``center`` (mean W per group) are computed by the
-    caller without gradient, as in BiT's ``BwnQuantizer``.
+    caller without gradient, as in BiT's ``BwnQuantizer``. Frozen elements output
+    ``frozen_code·scale`` and get no gradient.
     """
 
     @staticmethod
-    def forward(ctx, w, scale, center):
-        return torch.where(w >= center, scale, -scale).to(w.dtype)
+    def forward(ctx, w, scale, center, frozen_mask=None, frozen_codes=None):
+        sign = torch.where(w >= center, 1.0, -1.0)
+        if frozen_mask is not None:
+            sign = torch.where(frozen_mask, frozen_codes.to(sign.dtype), sign)
+        ctx.save_for_backward(frozen_mask)
+        return (sign * scale).to(w.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        return grad_out, None, None
+        (frozen_mask,) = ctx.saved_tensors
+        grad_w = grad_out if frozen_mask is None else grad_out * ~frozen_mask
+        return grad_w, None, None, None, None
 
 
 def lsq_fake_quantize(
@@ -128,9 +143,12 @@ def lsq_fake_quantize(
     qn: int,
     qp: int,
     offset: torch.Tensor | None = None,
+    frozen_mask: torch.Tensor | None = None,
+    frozen_codes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Fake-quantize ``x`` on the grid ``step·[qn..qp] (+ offset)``; see `_LSQFakeQuantize`."""
-    return _LSQFakeQuantize.apply(x, step, offset, grad_scale, qn, qp)
+    """Fake-quantize ``x`` on the grid ``step·[qn..qp] (+ offset)``, frozen elements held at their code;
+    see `_LSQFakeQuantize`."""
+    return _LSQFakeQuantize.apply(x, step, offset, grad_scale, qn, qp, frozen_mask, frozen_codes)
 
 
 def signed_binarize(x: torch.Tensor, step: torch.Tensor, grad_scale: GradScale) -> torch.Tensor:
@@ -138,9 +156,16 @@ def signed_binarize(x: torch.Tensor, step: torch.Tensor, grad_scale: GradScale) 
     return _SignedBinarize.apply(x, step, grad_scale)
 
 
-def binary_weight(w: torch.Tensor, scale: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
-    """``scale·sign(w − center)`` with an identity straight-through gradient."""
-    return _BinaryWeight.apply(w, scale, center)
+def binary_weight(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    center: torch.Tensor,
+    frozen_mask: torch.Tensor | None = None,
+    frozen_codes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``scale·sign(w − center)`` with an identity straight-through gradient; frozen elements held at
+    ``frozen_code·scale`` without gradient."""
+    return _BinaryWeight.apply(w, scale, center, frozen_mask, frozen_codes)
 
 
 def integer_codes(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
