@@ -114,7 +114,7 @@ def command(run: Run, seed: int, runs_dir: str, overrides: dict[str, str | None]
     for flag, value in args.items():
         argv.append(f"--{flag}")
         if value is not None:
-            argv.append(value.format(seed=seed, runs_dir=runs_dir))
+            argv.append(value.replace("{seed}", str(seed)).replace("{runs_dir}", runs_dir))
     return argv
 
 
@@ -163,7 +163,7 @@ def _metrics(output_dir: str) -> dict:
 
 
 def launch(run: Run, seed: int, args: argparse.Namespace, overrides: dict) -> dict:
-    name = run.name.format(seed=seed)
+    name = run.name.replace("{seed}", str(seed))
     argv = command(run, seed, args.runs_dir, overrides)
     output_dir = argv[argv.index("--output_dir") + 1]
     record = dict(name=name, seed=seed, tags=run.tags, command=shlex.join(["python"] + argv[1:]),
