@@ -148,10 +148,10 @@ def _logged_dicts(log_file: str) -> list[dict]:
     return found
 
 
-def _metrics(output_dir: str) -> dict:
+def _metrics(output_dir: str, finished: bool) -> dict:
     """Final evaluation metrics (if the run finished), the per-epoch evaluations and the best accuracy."""
     results = os.path.join(output_dir, "eval_results.json")
-    final = json.load(open(results)) if os.path.isfile(results) else None
+    final = json.load(open(results)) if finished and os.path.isfile(results) else None
     state_file = os.path.join(output_dir, "trainer_state.json")
     history = (json.load(open(state_file))["log_history"] if os.path.isfile(state_file)
                else _logged_dicts(os.path.join(output_dir, "log.txt")))
@@ -174,8 +174,14 @@ def launch(run: Run, seed: int, args: argparse.Namespace, overrides: dict) -> di
     os.makedirs(output_dir, exist_ok=True)
     start = time.time()
     with open(os.path.join(output_dir, "log.txt"), "w") as log:
-        returncode = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    record.update(returncode=returncode, wall_s=round(time.time() - start, 1), **_metrics(output_dir))
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            returncode = process.wait(timeout=None if args.deadline is None else max(args.deadline - time.time(), 1))
+        except subprocess.TimeoutExpired:  # out of time: keep what the run logged so far
+            process.kill()
+            process.wait()
+            returncode = "killed at --time_limit"
+    record.update(returncode=returncode, wall_s=round(time.time() - start, 1), **_metrics(output_dir, returncode == 0))
     if returncode != 0:
         record["log_tail"] = open(os.path.join(output_dir, "log.txt"), errors="replace").read()[-3000:]
     os.makedirs(args.out, exist_ok=True)
@@ -198,8 +204,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip_stages", type=int, default=0, help="Skip the first N stages (e.g. the teacher).")
     parser.add_argument("--parallel", type=int, default=8)
     parser.add_argument("--set", nargs="*", default=[], help="KEY=VALUE (or KEY) added to every command.")
+    parser.add_argument("--time_limit", type=float, default=None,
+                        help="Seconds from now after which unfinished runs are stopped (their logged evaluations kept).")
     parser.add_argument("--dry_run", action="store_true")
     args = parser.parse_args(argv)
+    args.deadline = None if args.time_limit is None else time.time() + args.time_limit
     if args.suite == "text":
         from hf_qvar import assets
 
