@@ -8,15 +8,37 @@ import time
 
 from .analysis.sensitivity import RANK_KEYS
 
+#: ``--model`` value for the bundled offline MiniLM-L6 (`hf_qvar.assets.minilm_path`).
+OFFLINE_MINILM = "offline-minilm"
+
 
 def _analyze(args: argparse.Namespace) -> None:
-    """Load model + eval set, run `hf_qvar.analysis.analyze`, write the report folder."""
-    from .analysis import analyze, load_eval_set, load_model
-    from .analysis.report import write_report
+    """Load model + eval set, run `hf_qvar.analysis.analyze`, write the report folder; with ``--training_run``
+    and no ``--model``, only the oscillation section (training logs, no model evaluated)."""
+    from .analysis.report import write_oscillation_report, write_report
 
     start = time.perf_counter()
+    if args.training_run is not None:  # fail before any model work on a wrong path
+        from .analysis.oscillation import find_trainer_state
+
+        try:
+            find_trainer_state(args.training_run)
+        except FileNotFoundError as error:
+            raise SystemExit(f"hf-qvar analyze --training_run: {error}") from None
+    if args.model is None:
+        if args.training_run is None:
+            raise SystemExit(
+                "hf-qvar analyze: give --model (a from_pretrained path, a Hub id, or "
+                f"'{OFFLINE_MINILM}' for the bundled MiniLM-L6) and/or --training_run (a QVarTrainer output "
+                "folder, checkpoint folder or trainer_state.json; alone it writes the oscillation section only)."
+            )
+        path = write_oscillation_report(args.training_run, args.output_dir)
+        print(f"Oscillation report (training logs only) written to {path} in {time.perf_counter() - start:.1f} s.")
+        return
+    from .analysis import analyze, load_eval_set, load_model
+
     model_path = args.model
-    if model_path is None:
+    if model_path == OFFLINE_MINILM:
         from .assets import minilm_path
 
         model_path = minilm_path()
@@ -26,7 +48,8 @@ def _analyze(args: argparse.Namespace) -> None:
         model, tokenizer, sentences, labels, bits=args.bits, training_run=args.training_run,
         per_module=args.per_module, rank_by=args.rank_by, batch_size=args.batch_size, max_length=args.max_length,
     )
-    result["model"] = args.model or "MiniLM-L6 (offline, hf_qvar.assets.minilm_path)"
+    result["model"] = ("MiniLM-L6 (offline, hf_qvar.assets.minilm_path)" if args.model == OFFLINE_MINILM
+                       else args.model)
     result["eval_set"] = args.eval_file or "Rotten Tomatoes dev (offline, hf_qvar.assets.rotten_tomatoes)"
     path = write_report(result, args.output_dir)
     print(f"Report written to {path} in {time.perf_counter() - start:.1f} s.")
@@ -38,13 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = commands.add_parser(
         "analyze", help="Variation report: module sensitivity, outliers (kurtosis), oscillation.",
         description="Quantize a model once, probe each module group alone on a small eval set, measure "
-                    "weight/activation outliers and read a QVarTrainer run's oscillation logs.",
+                    "weight/activation outliers and read a QVarTrainer run's oscillation logs. With --training_run "
+                    "and no --model: the oscillation section alone, from the training logs.",
     )
-    analyze.add_argument("--model", help="from_pretrained path or Hub id (default: offline MiniLM-L6).")
+    analyze.add_argument("--model", help=f"from_pretrained path, Hub id or '{OFFLINE_MINILM}' (bundled MiniLM-L6); "
+                                         "left out with --training_run: oscillation section only.")
     analyze.add_argument("--eval_file", help="csv with sentence,label columns (default: offline Rotten Tomatoes dev).")
     analyze.add_argument("--num_samples", type=int, default=512, help="eval sentences used (first N).")
     analyze.add_argument("--bits", type=int, default=2, choices=(1, 2, 3, 4, 8), help="weight and activation bits.")
-    analyze.add_argument("--training_run", help="QVarTrainer output folder (trainer_state.json): oscillation curves.")
+    analyze.add_argument("--training_run", help="QVarTrainer output folder, checkpoint folder or trainer_state.json: "
+                                                "oscillation, frozen %% and OBR curves.")
     analyze.add_argument("--per_module", action="store_true", help="also probe each (layer, kind) cell alone.")
     analyze.add_argument("--rank_by", default="accuracy_drop", choices=RANK_KEYS,
                          help="sensitivity ranking; kl_to_fp suits models whose task head is untrained.")

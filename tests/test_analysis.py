@@ -14,7 +14,9 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 
 from hf_qvar import QVarConfig, quantize_model
 from hf_qvar.analysis import Moments, analyze, oscillation_curves, read_oscillation
-from hf_qvar.analysis.report import KURTOSIS_PNG, OSCILLATION_PNG, REPORT_JSON, REPORT_MD, SENSITIVITY_PNG, write_report
+from hf_qvar.analysis.report import (
+    KURTOSIS_PNG, OBR_PNG, OSCILLATION_PNG, REPORT_JSON, REPORT_MD, SENSITIVITY_PNG, write_report,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = [f"w{i}" for i in range(60)]
@@ -51,7 +53,7 @@ def _labels_from_model(model, tokenizer, sentences: list[str]) -> list[int]:
         return model.eval()(**batch).logits.argmax(-1).tolist()
 
 
-def _write_trainer_state(directory: str) -> list[dict]:
+def _write_trainer_state(directory: str, obr: bool = False) -> list[dict]:
     history = [
         {"step": 10, "loss": 1.0, "oscillation_pct": 2.0, "frozen_pct": 0.0,
          "oscillation_pct/bert.encoder.layer.0.attention.self.query": 3.0},
@@ -59,6 +61,9 @@ def _write_trainer_state(directory: str) -> list[dict]:
         {"step": 30, "loss": 0.8, "oscillation_pct": 1.0, "frozen_pct": 0.5,
          "oscillation_pct/bert.encoder.layer.0.attention.self.query": 1.5},
     ]
+    if obr:  # λ logged at every training log, the OBR terms once λ > 0
+        history[0]["obr_lambda"] = 0.0
+        history[2].update(obr_lambda=0.01, obr_bin_variance=0.5, obr_dampening=0.05)
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "trainer_state.json"), "w") as handle:
         json.dump({"log_history": history}, handle)
@@ -135,12 +140,14 @@ def test_report_folder_has_markdown_plots_and_json(tmp_path):
     assert os.path.basename(path) == REPORT_MD
     files = set(os.listdir(tmp_path / "report"))
     assert {REPORT_MD, REPORT_JSON, SENSITIVITY_PNG, KURTOSIS_PNG, OSCILLATION_PNG} <= files
+    assert OBR_PNG not in files  # the run had no OBR
     data = json.loads((tmp_path / "report" / REPORT_JSON).read_text())
     kinds = {g["group"] for g in data["sensitivity"]["groups"]}
     assert {"kind:query", "kind:key", "kind:value", "kind:attention_output", "kind:mlp_input", "kind:mlp_output",
             "kind:attention_probs", "layer:0", "layer:1"} <= kinds
     markdown = (tmp_path / "report" / REPORT_MD).read_text()
     assert all(f"]({png})" in markdown for png in (SENSITIVITY_PNG, KURTOSIS_PNG, OSCILLATION_PNG))
+    assert OBR_PNG not in markdown
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -156,13 +163,17 @@ def test_cli_on_tiny_saved_model_and_csv(tmp_path, saved_quantized):
         quantize_model(model, QVarConfig(bits=4))
         model.save_pretrained(tmp_path / "model")
     pd.DataFrame({"sentence": _sentences(24), "label": [0, 1] * 12}).to_csv(tmp_path / "eval.csv", index=False)
-    _write_trainer_state(str(tmp_path / "run"))
+    _write_trainer_state(str(tmp_path / "run"), obr=True)
     proc = _run_cli("--model", str(tmp_path / "model"), "--eval_file", str(tmp_path / "eval.csv"),
                     "--num_samples", "20", "--rank_by", "kl_to_fp", "--training_run", str(tmp_path / "run"),
                     "--output_dir", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert {REPORT_MD, REPORT_JSON, SENSITIVITY_PNG, KURTOSIS_PNG, OSCILLATION_PNG} <= set(os.listdir(tmp_path / "out"))
+    assert {REPORT_MD, REPORT_JSON, SENSITIVITY_PNG, KURTOSIS_PNG, OSCILLATION_PNG, OBR_PNG} <= set(
+        os.listdir(tmp_path / "out"))
+    markdown = (tmp_path / "out" / REPORT_MD).read_text()
+    assert "## Module sensitivity" in markdown and f"]({OBR_PNG})" in markdown
     data = json.loads((tmp_path / "out" / REPORT_JSON).read_text())
+    assert data["oscillation"]["obr"]["bin_variance"] == {"step": [30], "value": [0.5]}
     assert data["num_samples"] == 20 and data["sensitivity"]["rank_by"] == "kl_to_fp"
     if saved_quantized:
         assert data["quantization"] == "from the checkpoint" and data["bits"] is None
@@ -174,7 +185,8 @@ def test_cli_on_tiny_saved_model_and_csv(tmp_path, saved_quantized):
 
 @pytest.mark.slow
 def test_cli_offline_default_minilm_rotten_tomatoes(tmp_path):
-    proc = _run_cli("--num_samples", "64", "--rank_by", "kl_to_fp", "--output_dir", str(tmp_path / "out"))
+    proc = _run_cli("--model", "offline-minilm", "--num_samples", "64", "--rank_by", "kl_to_fp",
+                    "--output_dir", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "out" / REPORT_JSON).read_text())
     assert data["num_samples"] == 64 and len(data["outliers"]) == 6 * 6 + 1  # 6 blocks × 6 linears + pooler

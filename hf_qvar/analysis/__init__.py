@@ -2,13 +2,15 @@
 oscillation, with a Markdown/PNG/JSON report. CLI: ``hf-qvar analyze``."""
 
 from .api import analyze, load_eval_set, load_model, make_batches
-from .oscillation import oscillation_curves, read_oscillation
+from .oscillation import find_trainer_state, obr_curves, oscillation_curves, oscillation_summary, read_oscillation
 from .outliers import ActivationRecorder, Moments, outlier_table, weight_stats
+from .report import write_oscillation_report, write_report
 from .sensitivity import calibrate, evaluate, module_sensitivity
 from .sites import Site, find_sites, only_quantized, site_groups
 
 __all__ = [
-    "ActivationRecorder", "Moments", "Site", "analyze", "calibrate", "evaluate", "find_sites", "load_eval_set",
-    "load_model", "make_batches", "module_sensitivity", "only_quantized", "oscillation_curves", "outlier_table",
-    "read_oscillation", "site_groups", "weight_stats",
+    "ActivationRecorder", "Moments", "Site", "analyze", "calibrate", "evaluate", "find_sites", "find_trainer_state",
+    "load_eval_set", "load_model", "make_batches", "module_sensitivity", "obr_curves", "only_quantized",
+    "oscillation_curves", "oscillation_summary", "outlier_table", "read_oscillation", "site_groups", "weight_stats",
+    "write_oscillation_report", "write_report",
 ]
