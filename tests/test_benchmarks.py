@@ -1,0 +1,62 @@
+"""The result-suite tooling: command construction, salvage of killed runs' logs, the README table."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[f"benchmarks_{name}"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+run_suite, results_table = _load("run_suite"), _load("results_table")
+
+
+def _record(bits, rung, seed, final=None, epochs=()):
+    return dict(tags=dict(bits=bits, rung=rung), seed=seed, final=None if final is None else {"eval_accuracy": final},
+                epochs=[dict(epoch=e, eval_accuracy=a) for e, a in epochs],
+                best_eval_accuracy=max([a for _, a in epochs] + ([final] if final is not None else [])))
+
+
+def test_results_table_means_finished_seeds_and_marks_stopped_runs(tmp_path):
+    records = {
+        "text-w2a2-full-s1": _record("W2A2", "full", 1, 0.78, [(1, 0.75), (2, 0.78)]),
+        "text-w2a2-full-s2": _record("W2A2", "full", 2, 0.77, [(1, 0.79), (2, 0.77)]),
+        "text-w2a2-plain-s1": _record("W2A2", "plain", 1, None, [(1, 0.70), (2, 0.69)]),
+        "text-fp-s1": _record("fp", "fp", 1, 0.83, [(1, 0.83)]),
+    }
+    for name, record in records.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(record))
+    lines = results_table.table(str(tmp_path)).splitlines()
+    assert lines[0] == "| run | bits | recipe | seed 1 | seed 2 | mean |"
+    assert lines[2] == "| text-fp | fp | fp | 83.00 |  |  |"
+    assert lines[3] == "| text-w2a2-plain | W2A2 | plain | 69.00 (best 70.00; stopped at epoch 2) |  |  |"
+    assert lines[4] == "| text-w2a2-full | W2A2 | full | 78.00 | 77.00 (79.00) | 77.50 |"
+
+
+def test_run_suite_commands_fill_seed_runs_dir_and_overrides(capsys):
+    run_suite.main(["text", "--only", "w1a1-full", "--seeds", "3", "--out", "unused", "--runs_dir", "/r",
+                    "--model", "m", "--skip_stages", "1", "--set", "num_train_epochs=2", "bf16", "--dry_run"])
+    (line,) = capsys.readouterr().out.splitlines()
+    assert "--seed 3" in line and "--output_dir /r/text-w1a1-full-s3" in line
+    assert "--teacher_model_name_or_path /r/text-fp-s1" in line and "--obr_lambda_max 0.01" in line
+    assert "--num_train_epochs 2" in line and "--num_train_epochs 6" not in line and line.endswith("--bf16")
+
+
+def test_killed_run_keeps_its_logged_evaluations(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("noise\r 10%|#| 3/30 [00:01<00:09]\n{'eval_loss': '0.5', 'eval_accuracy': '0.81', 'epoch': '1.0'}\n"
+                   "{'loss': '0.4', 'epoch': '1.5'}\nTraceback (most recent call last)\n")
+    metrics = run_suite._metrics(str(tmp_path), finished=False)
+    assert metrics["final"] is None
+    assert metrics["epochs"] == [{"eval_loss": 0.5, "eval_accuracy": 0.81, "epoch": 1.0}]
+    assert metrics["best_eval_accuracy"] == pytest.approx(0.81)
