@@ -41,15 +41,36 @@ class Run:
     tags: dict[str, str] = field(default_factory=dict)
 
 
-def _ablation(bits: int, base: dict, teacher: str, kd: dict, obr: dict, freeze: dict) -> list[tuple[str, dict]]:
+#: The remedies added on top of distillation, shared by both suites.
+OBR = dict(obr_lambda_max="0.01")
+FREEZE = dict(track_oscillations=None, oscillation_freeze_threshold="0.02", oscillation_log_per_layer=None)
+
+
+def _ablation(bits: int, base: dict, teacher: str, kd: dict) -> list[tuple[str, dict]]:
     """Issue 4's ladder: plain (classic LSQ gradient scale, hard labels) -> + module-dependent scales (L1 gradient
     scale) -> + distillation -> + OBR -> + oscillation freezing (= the full recipe)."""
     plain = dict(base, bits=str(bits), gradient_scale="lsq")
     mdq = dict(plain, gradient_scale="l1")
     distill = dict(mdq, teacher_model_name_or_path=teacher, **kd)
-    with_obr = dict(distill, **obr)
-    full = dict(with_obr, **freeze)
+    with_obr = dict(distill, **OBR)
+    full = dict(with_obr, **FREEZE)
     return [("plain", plain), ("mdq", mdq), ("kd", distill), ("obr", with_obr), ("full", full)]
+
+
+def _qat_runs(prefix: str, script: str, model: str, base: dict, teacher: str, kd: dict, ladder_bits: tuple[int, ...],
+              full_only_bits: tuple[int, ...], hard_label_args: dict | None = None) -> list[Run]:
+    """The whole ladder at `ladder_bits`, the full recipe alone at `full_only_bits`; `hard_label_args` replace
+    arguments of the rungs without distillation."""
+    runs = []
+    for bits in sorted(ladder_bits + full_only_bits):
+        ladder = _ablation(bits, base, teacher, kd)
+        for rung, args in ladder if bits in ladder_bits else ladder[-1:]:
+            if rung in ("plain", "mdq") and hard_label_args:
+                args = dict(args, **hard_label_args)
+            name = f"{prefix}-w{bits}a{bits}-{rung}-s{{seed}}"
+            runs.append(Run(name, script, dict(args, output_dir=f"{{runs_dir}}/{name}"),
+                            tags=dict(model=model, bits=f"W{bits}A{bits}", rung=rung)))
+    return runs
 
 
 def text_suite(model: str) -> list[list[Run]]:
@@ -63,16 +84,7 @@ def text_suite(model: str) -> list[list[Run]]:
              tags=dict(model="MiniLM-L6", bits="fp", rung="fp"))
     qat = dict(common, model_name_or_path=teacher, learning_rate="1e-4", num_train_epochs="6")
     kd = dict(distillation_logits_weight="1.0", distillation_hidden_weight="1.0", ground_truth_weight="0.0")
-    obr = dict(obr_lambda_max="0.01")
-    freeze = dict(track_oscillations=None, oscillation_freeze_threshold="0.02", oscillation_log_per_layer=None)
-    runs = []
-    for bits in (1, 2, 4):
-        ladder = _ablation(bits, qat, teacher, kd, obr, freeze)
-        for rung, args in ladder if bits < 4 else ladder[-1:]:
-            name = f"text-w{bits}a{bits}-{rung}-s{{seed}}"
-            runs.append(Run(name, GLUE, dict(args, output_dir=f"{{runs_dir}}/{name}"),
-                            tags=dict(model="MiniLM-L6", bits=f"W{bits}A{bits}", rung=rung)))
-    return [[fp], runs]
+    return [[fp], _qat_runs("text", GLUE, "MiniLM-L6", qat, teacher, kd, ladder_bits=(1, 2), full_only_bits=(4,))]
 
 
 def vision_suite(teacher: str) -> list[list[Run]]:
@@ -82,18 +94,10 @@ def vision_suite(teacher: str) -> list[list[Run]]:
                   save_strategy="no", logging_steps="50", report_to="none", seed="{seed}",
                   dataloader_num_workers="2")
     kd = dict(distillation_logits_weight="1.0", distillation_hidden_weight="0.0", ground_truth_weight="0.0")
-    obr = dict(obr_lambda_max="0.01")
-    freeze = dict(track_oscillations=None, oscillation_freeze_threshold="0.02", oscillation_log_per_layer=None)
-    runs = []
-    for bits in (2, 3, 4):
-        ladder = _ablation(bits, common, teacher, kd, obr, freeze)
-        for rung, args in ladder if bits == 2 else ladder[-1:]:
-            if rung in ("plain", "mdq"):  # hard labels: one crop per image per step, as without multi-crop KD
-                args = dict(args, num_crops="1", per_device_train_batch_size="512")
-            name = f"vision-w{bits}a{bits}-{rung}-s{{seed}}"
-            runs.append(Run(name, IMAGENET, dict(args, output_dir=f"{{runs_dir}}/{name}"),
-                            tags=dict(model="DeiT (12x192, patch 4)", bits=f"W{bits}A{bits}", rung=rung)))
-    return [runs]
+    # Hard labels: one crop per image per step, as without multi-crop KD.
+    hard_labels = dict(num_crops="1", per_device_train_batch_size="512")
+    return [_qat_runs("vision", IMAGENET, "DeiT (12x192, patch 4)", common, teacher, kd, ladder_bits=(2,),
+                      full_only_bits=(3, 4), hard_label_args=hard_labels)]
 
 
 def deit_pretrain_suite() -> list[list[Run]]:
@@ -178,7 +182,7 @@ def launch(run: Run, seed: int, args: argparse.Namespace, overrides: dict) -> di
     record = dict(name=name, seed=seed, tags=run.tags, command=shlex.join(["python"] + argv[1:]),
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **_versions())
     if args.dry_run:
-        print(record["command"])
+        sys.stdout.write(record["command"] + "\n")  # one write: runs of a stage print from several threads
         return record
     os.makedirs(output_dir, exist_ok=True)
     start = time.time()
@@ -196,8 +200,9 @@ def launch(run: Run, seed: int, args: argparse.Namespace, overrides: dict) -> di
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{name}.json"), "w") as handle:
         json.dump(record, handle, indent=1)
-    print(f"{name}: rc={returncode} wall={record['wall_s']}s best={record['best_eval_accuracy']} "
-          f"final={(record['final'] or {}).get('eval_accuracy')}", flush=True)
+    sys.stdout.write(f"{name}: rc={returncode} wall={record['wall_s']}s best={record['best_eval_accuracy']} "
+                     f"final={(record['final'] or {}).get('eval_accuracy')}\n")
+    sys.stdout.flush()
     return record
 
 
