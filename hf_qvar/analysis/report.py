@@ -23,7 +23,7 @@ MAX_LAYER_ROWS = 40
 _AXIS_LABELS = {
     "accuracy_drop": "accuracy drop vs full precision (percentage points)",
     "kl_to_fp": "KL(p_fp ‖ p) to the full-precision output (nats)",
-    "disagreement_with_fp": "top-1 disagreement with full precision (% of sentences)",
+    "disagreement_with_fp": "top-1 disagreement with full precision (% of eval samples)",
 }
 
 
@@ -204,7 +204,8 @@ def _model_sections(result: dict) -> list[str]:
     sens = result["sensitivity"]
     fp, full = sens["full_precision"], sens["fully_quantized"]
     lines = [
-        f"Quantization: {result['quantization']}; {result['num_samples']} eval sentences, "
+        f"Quantization: {result['quantization']}; {result['num_samples']} eval "
+        f"{result.get('inputs', 'sentences')}, "
         f"analysis time {result['seconds']:.1f} s. All numbers: `{REPORT_JSON}`.",
         "",
         "## Module sensitivity",
