@@ -167,6 +167,22 @@ def _metrics(output_dir: str, finished: bool) -> dict:
     return dict(final=final, best_eval_accuracy=max(accuracies, default=None), epochs=evals, train=train)
 
 
+PROVENANCE = ("command", "date", "device", "python", "torch", "transformers")
+
+
+def _keep_trainer_state(output_dir: str, record: dict, path: str) -> None:
+    """Copy the run's trainer_state.json (per-step logs: oscillation, OBR terms) beside its record, with the
+    record's provenance, for `hf-qvar analyze --training_run`; runs stopped before the end have none."""
+    state_file = os.path.join(output_dir, "trainer_state.json")
+    if not os.path.isfile(state_file):
+        return
+    state = json.load(open(state_file))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump({**{k: record[k] for k in PROVENANCE}, "run_record": f"{record['name']}.json", **state}, handle,
+                  indent=2)
+
+
 def _child_env(parallel: int) -> dict[str, str]:
     """Share the CPU cores among parallel runs: each torch process otherwise starts one thread per core, and
     several of them thrash (MiniLM runs on the H100 took half the wall time with ``OMP_NUM_THREADS=2``)."""
@@ -200,6 +216,7 @@ def launch(run: Run, seed: int, args: argparse.Namespace, overrides: dict) -> di
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{name}.json"), "w") as handle:
         json.dump(record, handle, indent=1)
+    _keep_trainer_state(output_dir, record, os.path.join(args.out, "trainer_states", f"{name}.json"))
     sys.stdout.write(f"{name}: rc={returncode} wall={record['wall_s']}s best={record['best_eval_accuracy']} "
                      f"final={(record['final'] or {}).get('eval_accuracy')}\n")
     sys.stdout.flush()

@@ -60,3 +60,17 @@ def test_killed_run_keeps_its_logged_evaluations(tmp_path):
     assert metrics["final"] is None
     assert metrics["epochs"] == [{"eval_loss": 0.5, "eval_accuracy": 0.81, "epoch": 1.0}]
     assert metrics["best_eval_accuracy"] == pytest.approx(0.81)
+
+
+def test_trainer_state_is_kept_with_the_run_provenance(tmp_path):
+    record = dict(name="text-w1a1-full-s1", command="python run_glue.py --bits 1", date="2026-11-24T00:00:00+00:00",
+                  device="cpu", python="3.11", torch="2.13", transformers="5.24")
+    out = tmp_path / "out" / "trainer_states" / "text-w1a1-full-s1.json"
+    run_suite._keep_trainer_state(str(tmp_path), record, str(out))
+    assert not out.exists()  # a run stopped before the end has no trainer_state.json
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 5, "oscillation_pct": 1.5}]}))
+    run_suite._keep_trainer_state(str(tmp_path), record, str(out))
+    kept = json.loads(out.read_text())
+    assert {k: kept[k] for k in run_suite.PROVENANCE} == {k: record[k] for k in run_suite.PROVENANCE}
+    assert kept["run_record"] == "text-w1a1-full-s1.json"
+    assert kept["log_history"] == [{"step": 5, "oscillation_pct": 1.5}]
