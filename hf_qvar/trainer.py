@@ -150,10 +150,11 @@ class QVarTrainer(Trainer):
         if lam > 0:  # λ = 0 costs nothing: the regulariser is not even built.
             dampening, bin_variance = obr_terms(self.accelerator.unwrap_model(model), self.args.obr_reduction,
                                                 self.args.obr_max_bits)
-            self._record("loss_obr", dampening + bin_variance)
+            reg = dampening + bin_variance
+            self._record("loss_obr", reg)
             self._record("obr_dampening", dampening)
             self._record("obr_bin_variance", bin_variance)
-            loss = loss + lam * (dampening + bin_variance)
+            loss = loss + lam * reg
         return (loss, outputs) if return_outputs else loss
 
     def _distillation_loss(self, model: nn.Module, inputs: dict[str, Any], soft_labels: torch.Tensor | None):
