@@ -2,9 +2,14 @@
 
 Same model, batch and optimizer; the step with the features adds ``λ·L_OBR`` to the loss (λ > 0, so OBR is
 really computed), runs the oscillation tracker after every optimizer step, and has 10 % of every weight matrix
-frozen (so the frozen forward path runs).
+frozen (so the frozen forward path runs). ``--mode compiled`` compiles the model (OBR and tracking run through
+`hf_qvar.compile_utils` in both modes); ``warmup_s`` is the wall time of the warm-up steps, compilation included.
+All variants are built first and then timed in interleaved rounds (the overhead is the median over rounds of
+variant / plain step time), so drifts of the host (eager steps are host-bound) hit both sides alike.
 
-    python benchmarks/bench_training_features.py --out benchmarks/results/training_features_h100.json
+    python bench_training_features.py --bits 2 --out results/training_features_eager_h100.json
+    python bench_training_features.py --bits 2 --mode compiled --variants obr+tracking+freezing \
+        --out results/training_features_compiled_h100.json
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import argparse
 import datetime
 import json
 import platform
+import statistics
 import sys
+import time
 
 import torch
 import transformers
@@ -37,8 +44,9 @@ def freeze_a_tenth(model) -> None:
 FEATURES = ("obr", "tracking", "freezing")
 
 
-def time_variant(features: tuple[str, ...], bits: int, warmup: int, iters: int) -> float:
-    """Step time with the given subset of `FEATURES` switched on (``()`` = the plain QAT step)."""
+def make_step(features: tuple[str, ...], bits: int, mode: str, warmup: int):
+    """A training-step closure with the given subset of `FEATURES` switched on (``()`` = the plain QAT step),
+    already warmed up, and the wall time (s) of that warm-up."""
     model, batch_size = build("bert-base", f"w{bits}a{bits}", "cuda")
     batch = make_batch("bert-base", batch_size, "cuda")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
@@ -51,27 +59,54 @@ def time_variant(features: tuple[str, ...], bits: int, warmup: int, iters: int) 
                                      freeze_threshold=0.1 if "freezing" in features else None)
         tracker.initialize()
     extra_loss = (lambda: 0.01 * obr_loss(model)) if "obr" in features else None
-    step = training_step(model, optimizer, batch, extra_loss=extra_loss,
+    forward = torch.compile(model) if mode == "compiled" else model
+    step = training_step(forward, optimizer, batch, extra_loss=extra_loss,
                          after_step=tracker.update if tracker is not None else None)
-    return timed(step, warmup, iters)[0]
+    start = time.time()
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    return step, time.time() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 1])
+    parser.add_argument("--mode", choices=["eager", "compiled"], default="eager")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="feature sets such as obr or obr+tracking+freezing (default: each alone, then all)")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--iters", type=int, default=10, help="timed steps per variant and round")
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     rows = []
     variants = [(f,) for f in FEATURES] + [FEATURES]
+    if args.variants:
+        variants = [tuple(v.split("+")) for v in args.variants]
+        unknown = {f for v in variants for f in v} - set(FEATURES)
+        if unknown:
+            parser.error(f"--variants: unknown features {sorted(unknown)}; expected some of {FEATURES} joined by '+'.")
     for bits in args.bits:
-        base = time_variant((), bits, args.warmup, args.iters)
+        steps = {(): make_step((), bits, args.mode, args.warmup)}
         for features in variants:
-            ms = time_variant(features, bits, args.warmup, args.iters)
-            rows.append(dict(model="bert-base", batch=32, seq=128, bits=bits, mode="eager", features="+".join(features),
-                             base_ms=round(base, 3), ms=round(ms, 3), overhead=round(ms / base - 1, 4)))
+            steps[features] = make_step(features, bits, args.mode, args.warmup)
+        times = {features: [] for features in steps}
+        for _ in range(args.rounds):
+            for features, (step, _) in steps.items():
+                times[features].append(timed(step, 0, args.iters)[0])
+        base = times[()]
+        for features in variants:
+            ratios = [t / b for t, b in zip(times[features], base)]
+            rows.append(dict(model="bert-base", batch=32, seq=128, bits=bits, mode=args.mode,
+                             features="+".join(features), base_ms=round(statistics.median(base), 3),
+                             ms=round(statistics.median(times[features]), 3),
+                             overhead=round(statistics.median(ratios) - 1, 4),
+                             overhead_per_round=[round(r - 1, 4) for r in ratios],
+                             base_warmup_s=round(steps[()][1], 1), warmup_s=round(steps[features][1], 1)))
             print(json.dumps(rows[-1]), flush=True)
+        del steps
+        torch.cuda.empty_cache()
     result = dict(command="python " + " ".join(sys.argv),
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   device=torch.cuda.get_device_name(), python=platform.python_version(), torch=torch.__version__,

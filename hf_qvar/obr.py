@@ -67,8 +67,9 @@ def binned_variance_sum(values: torch.Tensor, bins: torch.Tensor, num_bins: int)
 
 
 def _terms(residual: torch.Tensor, codes: torch.Tensor, frozen_mask: torch.Tensor | None, qn: int,
-           num_codes: int, groups: int, mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both OBR terms from ``residual = w_clip − code·α`` (term 1 = its square; term 2 = per-bin variance)."""
+           num_codes: int, layers: int, groups: int, mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both OBR terms from ``residual = w_clip − code·α`` of ``layers`` stacked layers with ``groups`` step-size
+    groups in all (term 1 = its square, averaged per layer; term 2 = per-bin variance per group)."""
     residual = residual.reshape(groups, -1)
     bins = (codes.reshape(groups, -1) - qn).long()
     squared = residual * residual
@@ -76,43 +77,68 @@ def _terms(residual: torch.Tensor, codes: torch.Tensor, frozen_mask: torch.Tenso
         keep = ~frozen_mask.reshape(groups, -1)
         bins = torch.where(keep, bins, num_codes)
         squared = squared * keep
-        count = keep.sum().clamp_min(1)
+        count = keep.reshape(layers, -1).sum(dim=1).clamp_min(1)
     else:
-        count = squared.numel()
-    term1 = squared.sum() / count if mean else squared.sum()
+        count = squared.numel() // layers
+    per_layer = squared.reshape(layers, -1).sum(dim=1)
+    term1 = (per_layer / count).sum() if mean else per_layer.sum()
     # One set of bins per step-size group: each row is one group's weights.
     return term1, binned_variance_sum(residual, bins, num_codes)
 
 
 @cuda_compiled
 def lsq_obr_terms(weight: torch.Tensor, step: torch.Tensor, grad_scale: torch.Tensor,
-                  frozen_mask: torch.Tensor | None, qn: int, qp: int, groups: int,
+                  frozen_mask: torch.Tensor | None, qn: int, qp: int, layers: int, groups: int,
                   mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """OBR terms of an LSQ layer; gradients reach W inside the clip range and α (scaled by ``grad_scale``)."""
+    """OBR terms of stacked LSQ layers; gradients reach W inside the clip range and α (scaled by ``grad_scale``)."""
     scaled_step = (step - step.detach()) * grad_scale + step.detach()
     w_clip = torch.clamp(weight / scaled_step, qn, qp) * scaled_step
     codes = F.integer_codes(weight, step.detach(), qn, qp)
-    return _terms(w_clip - codes * step.detach(), codes, frozen_mask, qn, qp - qn + 1, groups, mean)
+    return _terms(w_clip - codes * step.detach(), codes, frozen_mask, qn, qp - qn + 1, layers, groups, mean)
 
 
 @cuda_compiled
-def binary_obr_terms(weight: torch.Tensor, scale: torch.Tensor, center: torch.Tensor,
-                     frozen_mask: torch.Tensor | None, groups: int, mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """OBR terms of a BWN layer: no clip, the scale is not learnt, bins are the two signs."""
+def binary_obr_terms(weight: torch.Tensor, scale: torch.Tensor, center: torch.Tensor, frozen_mask: torch.Tensor | None,
+                     layers: int, groups: int, mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """OBR terms of stacked BWN layers: no clip, the scale is not learnt, bins are the two signs."""
     codes = torch.where(weight.detach() >= center, 1.0, -1.0).to(weight.dtype)
     # Codes are ±1: bin ids (code + 1) / 2 ∈ {0, 1}.
-    return _terms(weight - codes * scale, (codes + 1) / 2, frozen_mask, 0, 2, groups, mean)
+    return _terms(weight - codes * scale, (codes + 1) / 2, frozen_mask, 0, 2, layers, groups, mean)
+
+
+def _stack_key(layer: QuantizedLayerMixin) -> tuple:
+    """Layers with equal keys have the same quantizer settings and weight shape: their terms are one pass."""
+    q, w = layer.weight_quantizer, layer.weight
+    return (type(q), q.qn, q.qp, q.granularity, q.channels, q.num_heads, q.gradient_scale, tuple(w.shape), w.dtype,
+            w.device, getattr(q, "frozen_mask", None) is not None)
+
+
+def stacked_obr_terms(layers: list[QuantizedLayerMixin], reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ term1, Σ term2)`` of layers with one `_stack_key`, computed on their stacked weights: a handful of
+    kernels for all of them instead of a handful per layer (per-layer launches made OBR host-bound)."""
+    q = layers[0].weight_quantizer
+    weight = torch.stack([layer.weight for layer in layers])
+    mask = torch.stack([layer.weight_quantizer.frozen_mask for layer in layers]) if q.frozen_mask is not None else None
+    count, groups, mean = len(layers), len(layers) * q.num_groups, reduction == "mean"
+    if isinstance(q, BinaryWeightQuantizer):
+        scale, center = q._stats(weight, lead=1)
+        return binary_obr_terms(weight, scale, center, mask, count, groups, mean)
+    step = q.expand(torch.stack([layer.weight_quantizer.step_size for layer in layers]), weight.ndim)
+    return lsq_obr_terms(weight, step, q.grad_scale(weight, lead=1), mask, q.qn, q.qp, count, groups, mean)
 
 
 def obr_layer_terms(layer: QuantizedLayerMixin, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
     """(term 1, term 2) of one quantized layer (see the module docstring)."""
-    quantizer, weight = layer.weight_quantizer, layer.weight
-    mask, groups, mean = getattr(quantizer, "frozen_mask", None), quantizer.num_groups, reduction == "mean"
-    if isinstance(quantizer, BinaryWeightQuantizer):
-        scale, center = quantizer._stats(weight)
-        return binary_obr_terms(weight, scale, center, mask, groups, mean)
-    return lsq_obr_terms(weight, quantizer.step(weight), quantizer.grad_scale(weight), mask,
-                         quantizer.qn, quantizer.qp, groups, mean)
+    return stacked_obr_terms([layer], reduction)
+
+
+def layers_obr_terms(layers: list[QuantizedLayerMixin], reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ term1, Σ term2)`` over ``layers``, one stacked pass per group of alike layers."""
+    stacks: dict[tuple, list[QuantizedLayerMixin]] = {}
+    for layer in layers:
+        stacks.setdefault(_stack_key(layer), []).append(layer)
+    dampening, bin_variance = zip(*(stacked_obr_terms(stack, reduction) for stack in stacks.values()))
+    return torch.stack(dampening).sum(), torch.stack(bin_variance).sum()
 
 
 def obr_layers(model: nn.Module, max_bits: int = 8) -> list[QuantizedLayerMixin]:
@@ -138,8 +164,7 @@ def obr_terms(model: nn.Module, reduction: str = "mean", max_bits: int = 8) -> t
     layers = obr_layers(model, max_bits)
     if not layers:
         raise ValueError(f"OBR found no quantized layer with at most {max_bits} weight bits in {type(model).__name__}.")
-    dampening, bin_variance = zip(*(obr_layer_terms(layer, reduction) for layer in layers))
-    return torch.stack(dampening).sum(), torch.stack(bin_variance).sum()
+    return layers_obr_terms(layers, reduction)
 
 
 def obr_loss(model: nn.Module, reduction: str = "mean", max_bits: int = 8) -> torch.Tensor:

@@ -14,8 +14,9 @@ Tracking uses the code the forward actually uses (the frozen code once frozen), 
 oscillating and their ``f`` decays. The reference's momentum 0.001 suits its 190k-step runs; the default here,
 0.01, reacts within ~100 steps, which fits fine-tuning runs of a few thousand steps.
 
-Everything is elementwise tensor work per layer (no Python loop over weights). The state (incl. frozen masks)
-round-trips through a safetensors file so Trainer checkpoints resume exactly.
+Everything is elementwise tensor work per layer (no Python loop over weights); on GPUs one step of all layers
+is one compiled graph (`advance`) that never syncs with the host. The state (incl. frozen masks) round-trips
+through a safetensors file so Trainer checkpoints resume exactly.
 """
 
 from __future__ import annotations
@@ -52,12 +53,18 @@ def _frozen_value_codes(quantizer: nn.Module, ema: torch.Tensor) -> torch.Tensor
     return torch.clamp(torch.round(ema), quantizer.qn, quantizer.qp)
 
 
-@cuda_compiled
+def effective_codes(layer: QuantizedLayerMixin) -> torch.Tensor:
+    """The integer codes the forward uses (frozen codes where frozen), as floats."""
+    quantizer = layer.weight_quantizer
+    codes = quantizer.codes(layer.weight)
+    if quantizer.frozen_mask is not None:
+        codes = torch.where(quantizer.frozen_mask, quantizer.frozen_codes.to(codes.dtype), codes)
+    return codes.float()
+
+
 def tracking_step(codes: torch.Tensor, prev_codes: torch.Tensor, last_direction: torch.Tensor, frequency: torch.Tensor,
-                  ema_codes: torch.Tensor, frozen_mask: torch.Tensor, momentum: float,
-                  freeze_threshold: float) -> torch.Tensor:
-    """Advance one layer's state in place from its current ``codes``; returns whether any weight not yet frozen
-    passed ``freeze_threshold`` (a 0-d bool tensor; pass a negative threshold when not freezing)."""
+                  ema_codes: torch.Tensor, momentum: float) -> None:
+    """Advance one layer's tracking state in place from its current ``codes``."""
     delta = codes - prev_codes.float()
     direction = torch.sign(delta).to(torch.int8)
     event = (direction * last_direction) == -1
@@ -65,11 +72,35 @@ def tracking_step(codes: torch.Tensor, prev_codes: torch.Tensor, last_direction:
     frequency.mul_(1 - momentum).add_(event.float(), alpha=momentum)
     ema_codes.mul_(1 - momentum).add_(codes, alpha=momentum)
     prev_codes.copy_(codes.to(torch.int8))
-    return ((frequency > freeze_threshold) & ~frozen_mask).any() if freeze_threshold >= 0 else frozen_mask.new_zeros(())
+
+
+def freezing_step(quantizer: nn.Module, frequency: torch.Tensor, ema_codes: torch.Tensor, frozen_mask: torch.Tensor,
+                  frozen_codes: torch.Tensor, threshold: float) -> None:
+    """Freeze, in place, every weight not yet frozen whose frequency passed ``threshold`` at ``round(EMA)``."""
+    newly = (frequency > threshold) & ~frozen_mask
+    frozen_codes.copy_(torch.where(newly, _frozen_value_codes(quantizer, ema_codes).to(torch.int8), frozen_codes))
+    frozen_mask.logical_or_(newly)
+
+
+@cuda_compiled
+@torch.no_grad()
+def advance(layers: list[QuantizedLayerMixin], states: list[dict[str, torch.Tensor]], momentum: float,
+            freeze_threshold: float | None) -> None:
+    """One tracking (and freezing) step of every layer; on GPUs one compiled graph, with no host sync."""
+    for layer, s in zip(layers, states):
+        tracking_step(effective_codes(layer), s["prev_codes"], s["last_direction"], s["frequency"], s["ema_codes"],
+                      momentum)
+        if freeze_threshold is not None:
+            freezing_step(layer.weight_quantizer, s["frequency"], s["ema_codes"], s["frozen_mask"], s["frozen_codes"],
+                          freeze_threshold)
 
 
 class OscillationTracker:
     """EMA oscillation frequency per quantized weight, with optional freezing.
+
+    With freezing on, every weight quantizer holds its layer's ``frozen_mask``/``frozen_codes`` state tensors
+    from the start (all unfrozen): freezing updates them in place, so a step never syncs with the host and a
+    compiled model never sees its quantizers change.
 
     Args:
         model (`nn.Module`): the (unwrapped) model holding `QuantizedLayerMixin` layers.
@@ -94,18 +125,10 @@ class OscillationTracker:
         return bool(self.state)
 
     @torch.no_grad()
-    def _effective_codes(self, layer: QuantizedLayerMixin) -> torch.Tensor:
-        quantizer = layer.weight_quantizer
-        codes = quantizer.codes(layer.weight)
-        if quantizer.frozen_mask is not None:
-            codes = torch.where(quantizer.frozen_mask, quantizer.frozen_codes.to(codes.dtype), codes)
-        return codes.float()
-
-    @torch.no_grad()
     def initialize(self) -> None:
         """Record the current codes as the starting point (called before the first optimizer step)."""
         for name, layer in self.layers.items():
-            codes = self._effective_codes(layer)
+            codes = effective_codes(layer)
             quantizer = layer.weight_quantizer
             frozen = quantizer.frozen_mask if quantizer.frozen_mask is not None else torch.zeros_like(codes, dtype=torch.bool)
             frozen_codes = quantizer.frozen_codes if quantizer.frozen_codes is not None else torch.zeros_like(codes)
@@ -117,6 +140,7 @@ class OscillationTracker:
                 "frozen_mask": frozen.clone(),
                 "frozen_codes": frozen_codes.to(torch.int8),
             }
+            self._attach_frozen(layer, self.state[name])
 
     @torch.no_grad()
     def update(self) -> None:
@@ -124,44 +148,27 @@ class OscillationTracker:
         if not self.initialized:
             self.initialize()
             return
-        flags = {}
-        for name, layer in self.layers.items():
-            s = self.state[name]
-            flags[name] = tracking_step(
-                self._effective_codes(layer), s["prev_codes"], s["last_direction"], s["frequency"], s["ema_codes"],
-                s["frozen_mask"], self.momentum, -1.0 if self.freeze_threshold is None else self.freeze_threshold,
-            )
-        if self.freeze_threshold is not None:
-            # One host sync per step for all layers, not one per layer.
-            any_new = torch.stack(list(flags.values())).tolist()
-            for name, new in zip(flags, any_new):
-                if new:
-                    s = self.state[name]
-                    self._freeze(self.layers[name], s, (s["frequency"] > self.freeze_threshold) & ~s["frozen_mask"])
+        advance(list(self.layers.values()), list(self.state.values()), self.momentum, self.freeze_threshold)
 
-    def _freeze(self, layer: QuantizedLayerMixin, s: dict[str, torch.Tensor], newly: torch.Tensor) -> None:
-        codes = _frozen_value_codes(layer.weight_quantizer, s["ema_codes"]).to(torch.int8)
-        s["frozen_codes"] = torch.where(newly, codes, s["frozen_codes"])
-        s["frozen_mask"] = s["frozen_mask"] | newly
-        self._apply_frozen(layer, s)
-
-    @staticmethod
-    def _apply_frozen(layer: QuantizedLayerMixin, s: dict[str, torch.Tensor]) -> None:
+    def _attach_frozen(self, layer: QuantizedLayerMixin, s: dict[str, torch.Tensor]) -> None:
+        """Point the quantizer at the state's frozen mask and codes (kept in sync in place from now on)."""
         quantizer = layer.weight_quantizer
-        if bool(s["frozen_mask"].any()):
-            quantizer.frozen_mask = s["frozen_mask"]
-            quantizer.frozen_codes = s["frozen_codes"].to(layer.weight.dtype)
+        if self.freeze_threshold is not None or bool(s["frozen_mask"].any()):
+            quantizer.frozen_mask, quantizer.frozen_codes = s["frozen_mask"], s["frozen_codes"]
+        else:
+            quantizer.frozen_mask = quantizer.frozen_codes = None
 
     @torch.no_grad()
     def stats(self, per_layer: bool = False) -> dict[str, float]:
         """``oscillation_pct`` and ``frozen_pct`` over all tracked weights (and per layer with ``per_layer``)."""
         if not self.initialized:
             return {}
+        counts = torch.stack([
+            torch.stack([(s["frequency"] > self.threshold).sum(), s["frozen_mask"].sum()]) for s in self.state.values()
+        ]).tolist()  # one host sync for every layer
         out: dict[str, float] = {}
         total = oscillating = frozen = 0
-        for name, s in self.state.items():
-            n_osc = int((s["frequency"] > self.threshold).sum())
-            n_frozen = int(s["frozen_mask"].sum())
+        for (name, s), (n_osc, n_frozen) in zip(self.state.items(), counts):
             numel = s["frequency"].numel()
             total, oscillating, frozen = total + numel, oscillating + n_osc, frozen + n_frozen
             if per_layer:
@@ -197,8 +204,7 @@ class OscillationTracker:
         for name, layer in self.layers.items():
             device = layer.weight.device
             self.state[name] = {f: tensors[f"{name}.{f}"].to(device) for f in _FIELDS}
-            layer.weight_quantizer.frozen_mask = layer.weight_quantizer.frozen_codes = None
-            self._apply_frozen(layer, self.state[name])
+            self._attach_frozen(layer, self.state[name])
 
 
 @torch.no_grad()

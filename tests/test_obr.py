@@ -139,24 +139,48 @@ def test_obr_loss_sums_every_quantized_layer_of_a_model(tiny_checkpoints):
         obr_loss(model, reduction="max")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
-def test_compiled_obr_terms_match_eager(granularity):
-    """GPUs run the OBR terms through torch.compile (`cuda_compiled`); the compiled graph must give the eager
-    values and gradients. Checked here with the CPU backend, with frozen elements in play."""
-    from hf_qvar.obr import lsq_obr_terms
+def _mixed_layers(frozen: bool) -> list[_Layer]:
+    """Two alike per-tensor 2-bit layers (one stack), a per-channel 3-bit layer and a BWN layer."""
+    layers = [_lsq_layer(2, "per_tensor", seed=5), _lsq_layer(2, "per_tensor", seed=6), _lsq_layer(3, "per_channel", seed=7)]
+    torch.manual_seed(8)
+    layers.append(_Layer(BinaryWeightQuantizer(1, channels=6), torch.randn(6, 40, dtype=torch.double)))
+    g = torch.Generator().manual_seed(0)
+    for layer in layers if frozen else []:
+        q = layer.weight_quantizer
+        q.frozen_mask = torch.rand(layer.weight.shape, generator=g) < 0.2
+        q.frozen_codes = q.codes(layer.weight).to(torch.int8)
+    return layers
 
-    layer = _lsq_layer(2, granularity, seed=5)
-    q = layer.weight_quantizer.float()
-    weight = layer.weight.detach().float()
-    mask = torch.rand(weight.shape, generator=torch.Generator().manual_seed(0)) < 0.2
-    results = []
-    for fn in (lsq_obr_terms, lsq_obr_terms.compiled()):
-        w = weight.clone().requires_grad_()
-        step = q.step_size.detach().clone().requires_grad_()
-        expanded = q.expand(step, w.ndim)
-        term1, term2 = fn(w, expanded, q.grad_scale(w), mask, q.qn, q.qp, q.num_groups, True)
-        (term1 + 3 * term2).backward()
-        results.append((term1.detach(), term2.detach(), w.grad, step.grad))
-    for eager, compiled in zip(*results):
-        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-7)
+
+def _terms_and_grads(layers: list[_Layer], terms) -> list[torch.Tensor]:
+    term1, term2 = terms
+    (term1 + 3 * term2).backward()
+    return [term1.detach(), term2.detach(), *(p.grad for layer in layers for p in layer.parameters())]
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_stacked_layers_give_the_sum_of_per_layer_terms(frozen):
+    """`layers_obr_terms` stacks alike layers into one pass: same terms and gradients as layer by layer."""
+    from hf_qvar.obr import layers_obr_terms
+
+    layers = _mixed_layers(frozen)
+    stacked = _terms_and_grads(layers, layers_obr_terms(layers, "mean"))
+    layers = _mixed_layers(frozen)
+    per_layer = [obr_layer_terms(layer) for layer in layers]
+    looped = _terms_and_grads(layers, (sum(t[0] for t in per_layer), sum(t[1] for t in per_layer)))
+    for a, b in zip(stacked, looped):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow
+def test_compiled_obr_matches_eager(monkeypatch):
+    """GPUs run OBR's stacked passes through torch.compile (`cuda_compiled`); the compiled graphs must give the
+    eager values and gradients. Checked with the CPU backend, with frozen elements in play."""
+    from hf_qvar import obr
+
+    eager = _terms_and_grads(layers := _mixed_layers(True), obr.layers_obr_terms(layers, "mean"))
+    monkeypatch.setattr(obr, "lsq_obr_terms", obr.lsq_obr_terms.compiled())
+    monkeypatch.setattr(obr, "binary_obr_terms", obr.binary_obr_terms.compiled())
+    compiled = _terms_and_grads(layers := _mixed_layers(True), obr.layers_obr_terms(layers, "mean"))
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

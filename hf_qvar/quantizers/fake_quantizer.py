@@ -107,19 +107,23 @@ class FakeQuantizer(nn.Module):
         return {"per_tensor": 1, "per_channel": self.channels, "per_head": self.num_heads}[self.granularity]
 
     def expand(self, per_group: torch.Tensor, ndim: int) -> torch.Tensor:
-        """Broadcast a ``(num_groups,)`` tensor onto a tensor of rank ``ndim`` along `channel_axis`."""
+        """Broadcast a ``(*lead, num_groups)`` tensor onto a tensor of rank ``ndim`` whose trailing dims are the
+        quantized tensor's (``lead`` = stacked layers, see `hf_qvar.obr`) along `channel_axis`."""
+        lead = per_group.shape[:-1]
+        core = ndim - len(lead)
         if self.granularity == "per_tensor":
-            return per_group.reshape((1,) * ndim)
+            return per_group.reshape(*lead, *(1,) * core)
         if self.granularity == "per_head":
-            per_group = per_group.repeat_interleave(self.channels // self.num_heads)
-        shape = [1] * ndim
+            per_group = per_group.repeat_interleave(self.channels // self.num_heads, dim=-1)
+        shape = [1] * core
         shape[self.channel_axis] = self.channels
-        return per_group.reshape(shape)
+        return per_group.reshape(*lead, *shape)
 
-    def grouped(self, t: torch.Tensor) -> torch.Tensor:
-        """View ``t`` as ``(num_groups, n)`` rows, one row per step size."""
-        t = t.movedim(self.channel_axis, 0) if self.granularity != "per_tensor" else t
-        return t.reshape(self.num_groups, -1)
+    def grouped(self, t: torch.Tensor, lead: int = 0) -> torch.Tensor:
+        """View ``t`` as ``(*lead, num_groups, n)`` rows, one row per step size (``lead`` stacked layers first)."""
+        if self.granularity != "per_tensor":
+            t = t.movedim(self.channel_axis + lead if self.channel_axis >= 0 else self.channel_axis, lead)
+        return t.reshape(*t.shape[:lead], self.num_groups, -1)
 
     def extra_repr(self) -> str:
         sign = "signed" if self.signed else "unsigned"
@@ -152,11 +156,12 @@ class LSQWeightQuantizer(FakeQuantizer):
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
         return F.integer_codes(weight, self.step(weight), self.qn, self.qp)
 
-    def grad_scale(self, weight: torch.Tensor) -> torch.Tensor:
+    def grad_scale(self, weight: torch.Tensor, lead: int = 0) -> torch.Tensor:
+        """The step-size gradient scale per group, broadcast onto ``weight`` (``lead`` stacked layers first)."""
         with torch.no_grad():
-            grouped = self.grouped(weight)
-            size = grouped.abs().sum(dim=1) if self.gradient_scale == "l1" else torch.full_like(
-                grouped[:, 0], grouped.shape[1]
+            grouped = self.grouped(weight, lead)
+            size = grouped.abs().sum(dim=-1) if self.gradient_scale == "l1" else torch.full_like(
+                grouped[..., 0], grouped.shape[-1]
             )
             return self.expand(torch.rsqrt(size.float().clamp_min(1e-12) * self.qp), weight.ndim)
 
@@ -178,11 +183,12 @@ class BinaryWeightQuantizer(FakeQuantizer):
     def initialize(self, weight: torch.Tensor) -> None:
         """Nothing to learn: the scale follows the weights."""
 
-    def _stats(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stats(self, weight: torch.Tensor, lead: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean |W|, mean W) per group, broadcast onto ``weight`` (``lead`` stacked layers first)."""
         with torch.no_grad():
-            grouped = self.grouped(weight)
-            scale = self.expand(grouped.abs().mean(dim=1), weight.ndim)
-            center = self.expand(grouped.mean(dim=1), weight.ndim)
+            grouped = self.grouped(weight, lead)
+            scale = self.expand(grouped.abs().mean(dim=-1), weight.ndim)
+            center = self.expand(grouped.mean(dim=-1), weight.ndim)
         return scale, center
 
     def step(self, weight: torch.Tensor) -> torch.Tensor:
