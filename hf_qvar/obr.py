@@ -39,28 +39,50 @@ def obr_lambda(progress: float, lambda_max: float, start: float) -> float:
     return lambda_max - lambda_max / 2 * (1 + math.cos(math.pi * ramp))
 
 
-#: Code levels handled per pass of `binned_variance_sum` (≤ 4-bit codes: one pass; 8-bit: 16 passes).
+#: Code levels handled per pass of the one-hot moments (≤ 4-bit codes: one pass; 8-bit: 16 passes).
 _LEVELS_PER_PASS = 16
+
+
+def _one_hot_moments(values: torch.Tensor, bins: torch.Tensor, num_bins: int) -> list[tuple[torch.Tensor, ...]]:
+    """Per-bin (count, Σx, Σx²) of ``(G, n)`` rows from one-hot masked reductions: no scatter atomics, fused
+    into a few reduction kernels when compiled (the GPU path); in chunks of `_LEVELS_PER_PASS` bins."""
+    values, bins = values.unsqueeze(-1), bins.unsqueeze(-1)
+    moments = []
+    for first in range(0, num_bins, _LEVELS_PER_PASS):
+        levels = torch.arange(first, min(first + _LEVELS_PER_PASS, num_bins), device=bins.device)
+        member = bins == levels  # (G, n, k)
+        moments.append((member.sum(dim=1).to(values.dtype), torch.where(member, values, 0).sum(dim=1),
+                        torch.where(member, values * values, 0).sum(dim=1)))
+    return moments
+
+
+def _scatter_moments(values: torch.Tensor, bins: torch.Tensor, num_bins: int) -> list[tuple[torch.Tensor, ...]]:
+    """Per-bin (count, Σx, Σx²) of ``(G, n)`` rows by ``index_add``: one pass over the weights whatever the
+    number of bins (the CPU path: the one-hot form materialises ``n × bins`` temporaries there)."""
+    rows, width = values.shape[0], num_bins + 1  # slot ``num_bins`` collects the left-out elements
+    ids = (bins + torch.arange(rows, device=bins.device).unsqueeze(1) * width).reshape(-1)
+    flat = values.reshape(-1)
+
+    def per_bin(source: torch.Tensor) -> torch.Tensor:
+        return values.new_zeros(rows * width).index_add(0, ids, source).reshape(rows, width)[:, :num_bins]
+
+    return [(per_bin(torch.ones_like(flat)), per_bin(flat), per_bin(flat * flat))]
 
 
 def binned_variance_sum(values: torch.Tensor, bins: torch.Tensor, num_bins: int) -> torch.Tensor:
     """Σ over bins with > 1 element of the unbiased variance of ``values`` in the bin, without a loop over bins.
 
     ``values`` and ``bins`` are ``(G, n)`` rows (or 1-D, one row); ``bins`` holds ids in ``[0, num_bins)``
-    (``num_bins`` = left out). Per-bin counts, sums and sums of squares come from one-hot masked reductions
-    (no scatter atomics, no host synchronisation, fused into one kernel when compiled), then
-    ``(Σx² − (Σx)²/n)/(n − 1)``; the gradient equals that of ``torch.var`` per bin. Callers pass values centred
-    per bin (OBR passes ``w_clip − code·α``), which keeps that formula free of cancellation.
+    (``num_bins`` = left out). Per-bin counts, sums and sums of squares (one-hot reductions on GPUs, ``index_add``
+    elsewhere; no host synchronisation either way), then ``(Σx² − (Σx)²/n)/(n − 1)``; the gradient equals that
+    of ``torch.var`` per bin. Callers pass values centred per bin (OBR passes ``w_clip − code·α``), which keeps
+    that formula free of cancellation.
     """
     rows = values.shape[0] if values.ndim > 1 else 1
-    values, bins = values.reshape(rows, -1, 1), bins.reshape(rows, -1, 1)
+    values, bins = values.reshape(rows, -1), bins.reshape(rows, -1)
+    moments = _one_hot_moments if values.is_cuda else _scatter_moments
     total = values.new_zeros(())
-    for first in range(0, num_bins, _LEVELS_PER_PASS):
-        levels = torch.arange(first, min(first + _LEVELS_PER_PASS, num_bins), device=bins.device)
-        member = bins == levels  # (G, n, k)
-        counts = member.sum(dim=1).to(values.dtype)
-        sums = torch.where(member, values, 0).sum(dim=1)
-        squares = torch.where(member, values * values, 0).sum(dim=1)
+    for counts, sums, squares in moments(values, bins, num_bins):
         variance = (squares - sums * sums / counts.clamp_min(1)) / (counts - 1).clamp_min(1)
         total = total + torch.where(counts > 1, variance, 0).sum()
     return total

@@ -85,6 +85,26 @@ def test_binned_variance_skips_single_element_bins():
     assert binned_variance_sum(values, bins, 4).item() == pytest.approx(4.0)
 
 
+@pytest.mark.parametrize("num_bins", [2, 4, 256])
+def test_one_hot_and_scatter_bin_moments_agree(num_bins):
+    """GPUs take the one-hot path, other devices ``index_add``: same per-bin moments and gradients, and the
+    left-out slot (id ``num_bins``) counts in neither."""
+    from hf_qvar.obr import _one_hot_moments, _scatter_moments
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(3, 500, generator=g, dtype=torch.double)
+    bins = torch.randint(0, num_bins + 1, (3, 500), generator=g)
+    results = []
+    for moments in (_one_hot_moments, _scatter_moments):
+        v = values.clone().requires_grad_()
+        counts, sums, squares = (torch.cat(parts, dim=1) for parts in zip(*moments(v, bins, num_bins)))
+        (sums * torch.arange(num_bins) + squares).sum().backward()
+        results.append((counts, sums, squares, v.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+    assert results[0][0].sum() == (bins < num_bins).sum()
+
+
 def test_frozen_elements_are_left_out():
     layer = _lsq_layer(2, "per_tensor")
     q = layer.weight_quantizer
