@@ -132,7 +132,7 @@ def _stack_key(layer: QuantizedLayerMixin) -> tuple:
     """Layers with equal keys have the same quantizer settings and weight shape: their terms are one pass."""
     q, w = layer.weight_quantizer, layer.weight
     return (type(q), q.qn, q.qp, q.granularity, q.channels, q.num_heads, q.gradient_scale, tuple(w.shape), w.dtype,
-            w.device, getattr(q, "frozen_mask", None) is not None)
+            w.device, q.frozen_mask is not None)
 
 
 def stacked_obr_terms(layers: list[QuantizedLayerMixin], reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
