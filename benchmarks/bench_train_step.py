@@ -3,6 +3,8 @@
 BERT-base-sized (12×768, seq 128, batch 32) and DeiT-S-sized (12×384, 224², patch 16, batch 64) models with
 random weights, bf16 autocast, AdamW; full precision vs W4A4 / W1A1 (Linear layers incl. Q/K/V outputs), eager
 and ``torch.compile``; attention-probability quantization measured separately (it replaces fused attention).
+Mode ``eager-reference`` is eager with hf_qvar's fused Triton quantizer kernels switched off (``HF_QVAR_TRITON=0``),
+to time the kernels against the reference ops in the same run.
 
     python benchmarks/bench_train_step.py --out benchmarks/results/train_step_h100.json
 """
@@ -17,12 +19,15 @@ import statistics
 import sys
 import time
 
+import os
+
 import torch
 import transformers
 from transformers import BertConfig, BertForSequenceClassification, DeiTConfig, DeiTForImageClassification
 
 import hf_qvar
 from hf_qvar import QVarConfig, quantize_model
+from hf_qvar.quantizers.triton_kernels import ENV_SWITCH as TRITON_SWITCH
 
 MODELS = {
     "bert-base": (lambda: BertForSequenceClassification(BertConfig(num_labels=2)), 32),
@@ -117,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"])
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"],
+                        choices=["eager", "eager-reference", "compiled"])
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--compile_mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
@@ -131,8 +137,9 @@ def main(argv: list[str] | None = None) -> None:
                 model, batch_size = build(name, variant, "cuda")
                 batch = make_batch(name, batch_size, "cuda")
                 t0 = time.time()
+                os.environ[TRITON_SWITCH] = "0" if mode == "eager-reference" else "1"
                 ms, iqr, peak = time_steps(model, batch, mode == "compiled", args.warmup, args.iters, args.compile_mode)
-                label = mode if mode == "eager" else f"compiled:{args.compile_mode or 'default'}"
+                label = mode if mode.startswith("eager") else f"compiled:{args.compile_mode or 'default'}"
                 rows.append(dict(model=name, mode=label, variant=variant, batch=batch_size, step_ms=round(ms, 3),
                                  step_ms_iqr=round(iqr, 3), peak_gib=round(peak, 3), wall_s=round(time.time() - t0, 1)))
                 print(json.dumps(rows[-1]), flush=True)

@@ -1,13 +1,24 @@
 """Top CUDA kernels of one training step (torch.profiler), to see where quantization time goes.
 
     python benchmarks/profile_step.py --model bert-base --variant w4a4 --compiled
+    HF_QVAR_TRITON=0 python benchmarks/profile_step.py --variant w4a4 --json out.json   # eager, kernels off
+
+``--json`` appends the per-step summary (profiled wall time, GPU kernel time, kernel count) with the command,
+device, versions and date to a JSON-lines file.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
 
 import torch
+import transformers
 from torch.profiler import ProfilerActivity, profile
 
 from bench_train_step import MODELS, VARIANTS, build, calibrate, make_batch, training_step
@@ -19,6 +30,8 @@ def main() -> None:
     parser.add_argument("--variant", default="w4a4", choices=list(VARIANTS))
     parser.add_argument("--compiled", action="store_true")
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--json", help="append the per-step summary to this JSON-lines file")
+    parser.add_argument("--sort", default="cuda_time_total", help="e.g. self_cpu_time_total for host-bound steps")
     args = parser.parse_args()
     model, batch_size = build(args.model, args.variant, "cuda")
     batch = make_batch(args.model, batch_size, "cuda")
@@ -28,11 +41,25 @@ def main() -> None:
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    wall_ms = (time.perf_counter() - start) * 1000 / 3
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1000 / 3
+    print(f"per step: {wall_ms:.1f} ms wall (profiled), {gpu_ms:.1f} ms of GPU kernels, {len(kernels) / 3:.0f} kernels")
+    if args.json:
+        record = dict(command=f"HF_QVAR_TRITON={os.environ.get('HF_QVAR_TRITON', '1')} python " + " ".join(sys.argv),
+                      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                      device=torch.cuda.get_device_name(), python=platform.python_version(), torch=torch.__version__,
+                      transformers=transformers.__version__, model=args.model, variant=args.variant,
+                      compiled=args.compiled, wall_ms_profiled=round(wall_ms, 1), gpu_kernel_ms=round(gpu_ms, 2),
+                      kernels_per_step=round(len(kernels) / 3))
+        with open(args.json, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+    print(prof.key_averages().table(sort_by=args.sort, row_limit=args.rows, max_name_column_width=70))
 
 
 if __name__ == "__main__":

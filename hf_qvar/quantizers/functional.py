@@ -6,11 +6,16 @@ site are defined exactly once. Each is a `torch.autograd.Function` (no detach tr
 one fused backward, friendly to `torch.compile`.
 
 Notation follows method.md §3: ``x̂ = α·round(clip((x − β)/α, Qn, Qp)) + β``.
+
+On GPUs, eager calls of the LSQ quantizer and the binarizer run as fused Triton kernels (`triton_kernels`)
+that compute the same values; the code here is the reference they are tested against.
 """
 
 from __future__ import annotations
 
 import torch
+
+from . import triton_kernels as kernels
 
 
 def signed_range(bits: int) -> tuple[int, int]:
@@ -60,6 +65,11 @@ class _LSQFakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, step, offset, grad_scale, qn: int, qp: int, frozen_mask=None, frozen_codes=None):
+        _save(ctx, grad_scale, x, step, offset, frozen_mask, frozen_codes)
+        ctx.qn, ctx.qp = qn, qp
+        ctx.fused = kernels.usable(x, step, offset)
+        if ctx.fused:
+            return kernels.fake_quantize_forward(x, step, offset, qn, qp, frozen_mask, frozen_codes)
         shifted = x if offset is None else x - offset
         q = torch.clamp(torch.round(shifted / step), qn, qp)
         if frozen_mask is not None:
@@ -67,13 +77,15 @@ class _LSQFakeQuantize(torch.autograd.Function):
         out = q * step
         if offset is not None:
             out = out + offset
-        _save(ctx, grad_scale, x, step, offset, frozen_mask, frozen_codes)
-        ctx.qn, ctx.qp = qn, qp
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         (x, step, offset, frozen_mask, frozen_codes), grad_scale = _saved(ctx)
+        if ctx.fused:
+            grad_x, step_sums, grad_offset = kernels.fake_quantize_backward(
+                grad_out, x, step, offset, ctx.qn, ctx.qp, frozen_mask, frozen_codes)
+            return grad_x, step_sums * grad_scale, grad_offset, None, None, None, None, None
         shifted = x if offset is None else x - offset
         v = shifted / step
         inside = (v >= ctx.qn) & (v <= ctx.qp)
@@ -100,13 +112,19 @@ class _SignedBinarize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, step, grad_scale):
-        sign = torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
         _save(ctx, grad_scale, x, step)
+        ctx.fused = kernels.usable(x, step)
+        if ctx.fused:
+            return kernels.fake_quantize_forward(x, step, None, -1, 1, binary=True)
+        sign = torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
         return (sign * step).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         (x, step), grad_scale = _saved(ctx)
+        if ctx.fused:
+            grad_x, step_sums, _ = kernels.fake_quantize_backward(grad_out, x, step, None, -1, 1, binary=True)
+            return grad_x, step_sums * grad_scale, None
         sign = torch.where(x >= 0, 1.0, -1.0).to(grad_out.dtype)
         grad_x = grad_out * ((x / step).abs() <= 1)
         grad_step = (grad_out * sign).sum_to_size(step.shape) * grad_scale

@@ -1,0 +1,205 @@
+"""Fused Triton kernels for `functional`'s LSQ fake quantizer and elastic binarizer: one kernel forward, one
+kernel (plus a small sum) backward.
+
+Why: in eager mode the reference runs ~24 small ops per quantizer per training step, and BERT-base has ~180
+quantizers, so an eager quantized step was bound by kernel launches (3.7× the full-precision step). These
+kernels compute what the reference computes, operation for operation in fp32 (IEEE division, round half to
+even); tests compare them with it on GPUs and, through Triton's interpreter, on CPUs. They are an acceleration
+only: `functional` uses them for contiguous CUDA tensors outside ``torch.compile`` (where Inductor fuses the
+reference itself) and falls back to the reference everywhere else. ``HF_QVAR_TRITON=0`` switches them off.
+
+A quantized tensor is viewed as ``rows × cols`` (``cols`` = its last dim, or everything after dim 0 for a
+per-output-channel weight step) and its step is one value, one per row or one per column.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+ENV_SWITCH = "HF_QVAR_TRITON"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+#: Where the step of an element comes from.
+ONE_STEP, STEP_PER_ROW, STEP_PER_COL = 0, 1, 2
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _round_half_even(v):
+        """``torch.round`` (ties to even) from exact fp32 operations (the interpreter has no ``rint``)."""
+        low = tl.floor(v)
+        frac = v - low
+        odd = (low - 2.0 * tl.floor(low * 0.5)) == 1.0
+        return low + tl.where((frac > 0.5) | ((frac == 0.5) & odd), 1.0, 0.0)
+
+    @triton.jit
+    def _tile(pid_r, pid_c, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+        c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+        return r, c, (r < rows) & (c < cols)
+
+    @triton.jit
+    def _codes(x_ptr, step_ptr, offset_ptr, mask_ptr, codes_ptr, r, c, idx, inb, rows, cols, qn, qp,
+               STEP_AXIS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_FROZEN: tl.constexpr, BINARY: tl.constexpr):
+        """Per element: the code q, α, β, whether the x-gradient passes (v = (x − β)/α inside the grid, for the
+        binarizer |x/α| ≤ 1, never for frozen elements) and d x̂/dα: the quantities of `functional`'s backward."""
+        if STEP_AXIS == 0:
+            step = tl.load(step_ptr).to(tl.float32)
+        elif STEP_AXIS == 1:
+            step = tl.load(step_ptr + r, mask=r < rows, other=1.0).to(tl.float32)
+        else:
+            step = tl.load(step_ptr + c, mask=c < cols, other=1.0).to(tl.float32)
+        x = tl.load(x_ptr + idx, mask=inb, other=0.0).to(tl.float32)
+        beta = 0.0
+        if HAS_OFFSET:
+            beta = tl.load(offset_ptr).to(tl.float32)
+        v = tl.math.div_rn(x - beta, step)
+        if BINARY:
+            q = tl.where(x >= 0, 1.0, -1.0)
+            inside = tl.abs(v) <= 1.0
+            d_step = q
+        else:
+            q = _round_half_even(tl.minimum(tl.maximum(v, qn), qp))
+            inside = (v >= qn) & (v <= qp)
+            d_step = tl.where(inside, q - v, q)
+        if HAS_FROZEN:
+            frozen = tl.load(mask_ptr + idx, mask=inb, other=0) != 0
+            frozen_code = tl.load(codes_ptr + idx, mask=inb, other=0).to(tl.float32)
+            q = tl.where(frozen, frozen_code, q)
+            d_step = tl.where(frozen, frozen_code, d_step)
+            inside = inside & ~frozen
+        return q, step, beta, inside, d_step
+
+    @triton.jit
+    def _forward_kernel(x_ptr, out_ptr, step_ptr, offset_ptr, mask_ptr, codes_ptr, rows, cols, qn, qp,
+                        STEP_AXIS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_FROZEN: tl.constexpr,
+                        BINARY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        r, c, inb = _tile(tl.program_id(0), tl.program_id(1), rows, cols, BLOCK_R, BLOCK_C)
+        idx = r.to(tl.int64) * cols + c
+        q, step, beta, _, _ = _codes(x_ptr, step_ptr, offset_ptr, mask_ptr, codes_ptr, r, c, idx, inb, rows, cols,
+                                     qn, qp, STEP_AXIS, HAS_OFFSET, HAS_FROZEN, BINARY)
+        out = q * step
+        if HAS_OFFSET:
+            out = out + beta
+        tl.store(out_ptr + idx, out.to(out_ptr.dtype.element_ty), mask=inb)
+
+    @triton.jit
+    def _backward_kernel(grad_ptr, x_ptr, step_ptr, offset_ptr, mask_ptr, codes_ptr, grad_x_ptr, step_sums_ptr,
+                         offset_sums_ptr, rows, cols, qn, qp, STEP_AXIS: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                         HAS_FROZEN: tl.constexpr, BINARY: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
+        pid_r, pid_c = tl.program_id(0), tl.program_id(1)
+        r, c, inb = _tile(pid_r, pid_c, rows, cols, BLOCK_R, BLOCK_C)
+        idx = r.to(tl.int64) * cols + c
+        _, _, _, inside, d_step = _codes(x_ptr, step_ptr, offset_ptr, mask_ptr, codes_ptr, r, c, idx, inb, rows,
+                                         cols, qn, qp, STEP_AXIS, HAS_OFFSET, HAS_FROZEN, BINARY)
+        grad = tl.load(grad_ptr + idx, mask=inb, other=0.0)
+        tl.store(grad_x_ptr + idx, tl.where(inside, grad, 0.0).to(grad_x_ptr.dtype.element_ty), mask=inb)
+        grad = grad.to(tl.float32)
+        # Partial α-gradient sums, deterministic (no atomics): per column tile and row, or per row tile and column.
+        step_terms = tl.where(inb, grad * d_step, 0.0)
+        if STEP_AXIS == 2:
+            cols_1d = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+            tl.store(step_sums_ptr + pid_r * cols + cols_1d, tl.sum(step_terms, axis=0), mask=cols_1d < cols)
+        else:
+            rows_1d = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+            tl.store(step_sums_ptr + pid_c * rows + rows_1d, tl.sum(step_terms, axis=1), mask=rows_1d < rows)
+        if HAS_OFFSET:
+            offset_terms = tl.where(inb & ~inside, grad, 0.0)
+            tl.store(offset_sums_ptr + pid_r * tl.num_programs(1) + pid_c, tl.sum(tl.sum(offset_terms, axis=1), axis=0))
+
+
+def step_axis(x: torch.Tensor, step: torch.Tensor) -> int | None:
+    """How ``step`` (broadcast against ``x``) maps onto ``x``'s ``rows × cols`` view; None if no kernel fits."""
+    if x.ndim < 2 or step.ndim > x.ndim:
+        return None
+    if step.numel() == 1:
+        return ONE_STEP
+    if step.ndim == x.ndim and step.shape[0] == x.shape[0] == step.numel():
+        return STEP_PER_ROW
+    if step.shape[-1] == x.shape[-1] == step.numel():
+        return STEP_PER_COL
+    return None
+
+
+def usable(x: torch.Tensor, step: torch.Tensor, offset: torch.Tensor | None = None) -> bool:
+    """Whether the fused kernels apply: contiguous CUDA tensors on the current device, a step layout they
+    support, a scalar offset, Triton installed, not switched off and not under ``torch.compile``."""
+    return (
+        not torch.compiler.is_compiling()
+        and HAS_TRITON
+        and x.is_cuda
+        and x.is_contiguous()
+        and os.environ.get(ENV_SWITCH, "1") != "0"
+        and x.device.index == torch.cuda.current_device()
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and step.dtype == torch.float32  # the reference then computes in fp32, as the kernels do
+        and step_axis(x, step) is not None
+        and (offset is None or (offset.numel() == 1 and offset.dtype == torch.float32))
+    )
+
+
+def _shape(x: torch.Tensor, axis: int) -> tuple[int, int]:
+    cols = x[0].numel() if axis == STEP_PER_ROW else x.shape[-1]
+    return x.numel() // cols, cols
+
+
+def _blocks(rows: int, cols: int) -> tuple[int, int, tuple[int, int]]:
+    block_c = min(128, triton.next_power_of_2(cols))
+    block_r = max(1, min(triton.next_power_of_2(rows), 2048 // block_c))
+    return block_r, block_c, (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+
+
+def _flags(offset, frozen_mask, binary: bool) -> dict:
+    return dict(HAS_OFFSET=offset is not None, HAS_FROZEN=frozen_mask is not None, BINARY=binary)
+
+
+def _launch(block_r: int, block_c: int) -> dict:
+    # No fused multiply-add: ``q·α + β`` must round twice, as the reference's two ops do (bit-exact outputs).
+    return dict(BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False)
+
+
+def _frozen_args(frozen_mask, frozen_codes, x):
+    if frozen_mask is None:
+        return x, x  # unused pointers
+    return frozen_mask.contiguous().view(torch.uint8), frozen_codes.contiguous()
+
+
+def fake_quantize_forward(x, step, offset, qn: float, qp: float, frozen_mask=None, frozen_codes=None,
+                          binary: bool = False) -> torch.Tensor:
+    """``functional``'s forward value: LSQ (``binary=False``) or ``α·sign(x)`` (``binary=True``), in ``x.dtype``."""
+    axis = step_axis(x, step)
+    rows, cols = _shape(x, axis)
+    block_r, block_c, grid = _blocks(rows, cols)
+    out = torch.empty_like(x)
+    mask, codes = _frozen_args(frozen_mask, frozen_codes, x)
+    _forward_kernel[grid](x, out, step.contiguous(), offset if offset is not None else x, mask, codes, rows, cols,
+                          float(qn), float(qp), STEP_AXIS=axis, **_flags(offset, frozen_mask, binary),
+                          **_launch(block_r, block_c))
+    return out
+
+
+def fake_quantize_backward(grad_out, x, step, offset, qn: float, qp: float, frozen_mask=None, frozen_codes=None,
+                           binary: bool = False):
+    """``(grad_x, Σ grad·dx̂/dα summed to step.shape, Σ grad outside the grid summed to offset.shape or None)``;
+    the caller applies the step's gradient scale."""
+    axis = step_axis(x, step)
+    rows, cols = _shape(x, axis)
+    block_r, block_c, grid = _blocks(rows, cols)
+    grad_out = grad_out.contiguous()
+    grad_x = torch.empty_like(grad_out)
+    step_sums = torch.empty((grid[1], rows) if axis != STEP_PER_COL else (grid[0], cols), device=x.device,
+                            dtype=torch.float32)
+    offset_sums = torch.empty(grid, device=x.device, dtype=torch.float32) if offset is not None else step_sums
+    mask, codes = _frozen_args(frozen_mask, frozen_codes, x)
+    _backward_kernel[grid](grad_out, x, step.contiguous(), offset if offset is not None else x, mask, codes, grad_x,
+                           step_sums, offset_sums, rows, cols, float(qn), float(qp), STEP_AXIS=axis,
+                           **_flags(offset, frozen_mask, binary), **_launch(block_r, block_c))
+    grad_step = step_sums.sum() if axis == ONE_STEP else step_sums.sum(0)
+    grad_offset = offset_sums.sum().reshape(offset.shape) if offset is not None else None
+    return grad_x, grad_step.reshape(step.shape), grad_offset

@@ -1,0 +1,107 @@
+"""The fused Triton kernels against `functional`'s reference: forward values bit-exact, gradients to float
+tolerance (only the summation order differs). Without a GPU they run in Triton's interpreter on CPU tensors
+(``TRITON_INTERPRET=1``, set by conftest before the kernels are defined); GPU runs use the compiled kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_qvar.quantizers import functional as F
+from hf_qvar.quantizers import triton_kernels as kernels
+
+pytestmark = pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (CPU: its interpreter)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _case(name: str, dtype=torch.float32):
+    """(x, step, offset, qn, qp, binary, frozen) for a quantization site layout; x includes exact .5 ties and
+    values far outside the grid."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"weight_tensor": ((24, 40), (1, 1)), "weight_channel": ((24, 40), (24, 1)),
+              "act_tensor": ((3, 5, 40), (1, 1, 1)), "act_channel": ((3, 5, 40), (1, 1, 40)),
+              "act_offset": ((3, 5, 40), (1, 1, 1)), "binary_tensor": ((3, 5, 40), (1, 1, 1)),
+              "binary_channel": ((6, 40), (1, 40)), "weight_frozen": ((24, 40), (24, 1)),
+              "conv_weight": ((8, 3, 4, 4), (8, 1, 1, 1))}
+    x_shape, step_shape = shapes[name]
+    step = torch.rand(step_shape, generator=g) * 0.2 + 0.05
+    x = torch.randn(x_shape, generator=g) * 0.4
+    ties = (torch.randint(-9, 9, x_shape, generator=g) + 0.5) * step  # exact half steps: round half to even
+    x = torch.where(torch.rand(x_shape, generator=g) < 0.2, ties, x).to(dtype)
+    offset = torch.tensor([-0.17]) if name == "act_offset" else None
+    qn, qp = (0, 15) if name == "act_offset" else (-2, 1) if name.startswith("weight") else (-8, 7)
+    frozen = None
+    if name == "weight_frozen":
+        mask = torch.rand(x_shape, generator=g) < 0.3
+        frozen = (mask, torch.randint(qn, qp + 1, x_shape, generator=g).to(torch.int8))
+    return x, step, offset, qn, qp, name.startswith("binary"), frozen
+
+
+def _through_autograd(x, step, offset, qn, qp, binary, frozen, grad_out):
+    """Forward value and gradients of `functional`'s autograd functions (the reference for CPU tensors)."""
+    x, step = x.clone().requires_grad_(), step.clone().requires_grad_()
+    offset = offset.clone().requires_grad_() if offset is not None else None
+    if binary:
+        out = F.signed_binarize(x, step, 0.5)
+    else:
+        out = F.lsq_fake_quantize(x, step, 0.5, qn, qp, offset, *(frozen or (None, None)))
+    out.backward(grad_out)
+    return out.detach(), x.grad, step.grad, offset.grad if offset is not None else None
+
+
+CASES = ["weight_tensor", "weight_channel", "act_tensor", "act_channel", "act_offset", "binary_tensor",
+         "binary_channel", "weight_frozen", "conv_weight"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", CASES)
+def test_kernels_match_reference(name, dtype):
+    x, step, offset, qn, qp, binary, frozen = _case(name, dtype)
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    expected = _through_autograd(x, step, offset, qn, qp, binary, frozen, grad_out)
+
+    on = lambda t: t.to(DEVICE) if t is not None else None  # noqa: E731
+    mask, codes = (on(frozen[0]), on(frozen[1])) if frozen else (None, None)
+    out = kernels.fake_quantize_forward(on(x), on(step), on(offset), qn, qp, mask, codes, binary=binary)
+    grad_x, step_sums, grad_offset = kernels.fake_quantize_backward(
+        on(grad_out), on(x), on(step), on(offset), qn, qp, mask, codes, binary=binary)
+
+    assert out.dtype == x.dtype
+    if DEVICE == "cpu" and dtype != torch.float32:  # the interpreter truncates fp32 -> bf16 casts (GPUs round)
+        torch.testing.assert_close(out, expected[0], rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(out.cpu(), expected[0]), "forward values differ from the reference"
+    assert torch.equal(grad_x.cpu(), expected[1]), "x-gradient differs from the reference"
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close((step_sums * 0.5).cpu(), expected[2], **tolerance)
+    if offset is not None:
+        torch.testing.assert_close(grad_offset.cpu(), expected[3], **tolerance)
+
+
+def test_step_layouts_the_kernels_take_and_refuse():
+    w = torch.zeros(6, 4)
+    assert kernels.step_axis(w, torch.ones(1)) == kernels.ONE_STEP
+    assert kernels.step_axis(w, torch.ones(6, 1)) == kernels.STEP_PER_ROW
+    assert kernels.step_axis(w, torch.ones(1, 4)) == kernels.STEP_PER_COL
+    assert kernels.step_axis(w, torch.ones(6, 4)) is None  # a step per element: the reference handles it
+    assert kernels.step_axis(torch.zeros(5), torch.ones(1)) is None
+    assert not kernels.usable(w, torch.ones(1))  # CPU tensors always take the reference path
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", CASES)
+def test_autograd_functions_use_the_kernels_on_gpu(name, monkeypatch):
+    """Through `functional` on the GPU: kernels on vs ``HF_QVAR_TRITON=0`` (the reference on the GPU)."""
+    x, step, offset, qn, qp, binary, frozen = _case(name, torch.bfloat16)
+    x, step = x.cuda(), step.cuda()
+    offset = offset.cuda() if offset is not None else None
+    frozen = (frozen[0].cuda(), frozen[1].cuda()) if frozen else None
+    assert kernels.usable(x, step, offset)
+    grad_out = torch.randn_like(x)
+    fused = _through_autograd(x, step, offset, qn, qp, binary, frozen, grad_out)
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    plain = _through_autograd(x, step, offset, qn, qp, binary, frozen, grad_out)
+    assert torch.equal(fused[0], plain[0]) and torch.equal(fused[1], plain[1])
+    for got, want in zip(fused[2:], plain[2:]):
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
