@@ -14,6 +14,7 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():  # the Triton kernels' tests run in its interpreter (read when kernels are defined)
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from transformers import (  # noqa: E402
     BertConfig,
     BertForSequenceClassification,
