@@ -85,7 +85,7 @@ def test_step_layouts_the_kernels_take_and_refuse():
     assert kernels.step_axis(w, torch.ones(1, 4)) == kernels.STEP_PER_COL
     assert kernels.step_axis(w, torch.ones(6, 4)) is None  # a step per element: the reference handles it
     assert kernels.step_axis(torch.zeros(5), torch.ones(1)) is None
-    assert not kernels.usable(w, torch.ones(1))  # CPU tensors always take the reference path
+    assert kernels.fused_layout(w, torch.ones(1)) is None  # CPU tensors always take the reference path
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -96,7 +96,7 @@ def test_autograd_functions_use_the_kernels_on_gpu(name, monkeypatch):
     x, step = x.cuda(), step.cuda()
     offset = offset.cuda() if offset is not None else None
     frozen = (frozen[0].cuda(), frozen[1].cuda()) if frozen else None
-    assert kernels.usable(x, step, offset)
+    assert kernels.fused_layout(x, step, offset) is not None
     grad_out = torch.randn_like(x)
     fused = _through_autograd(x, step, offset, qn, qp, binary, frozen, grad_out)
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")

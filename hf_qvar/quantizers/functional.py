@@ -67,9 +67,9 @@ class _LSQFakeQuantize(torch.autograd.Function):
     def forward(ctx, x, step, offset, grad_scale, qn: int, qp: int, frozen_mask=None, frozen_codes=None):
         _save(ctx, grad_scale, x, step, offset, frozen_mask, frozen_codes)
         ctx.qn, ctx.qp = qn, qp
-        ctx.fused = kernels.usable(x, step, offset)
-        if ctx.fused:
-            return kernels.fake_quantize_forward(x, step, offset, qn, qp, frozen_mask, frozen_codes)
+        ctx.axis = kernels.fused_layout(x, step, offset)
+        if ctx.axis is not None:
+            return kernels.fake_quantize_forward(x, step, offset, qn, qp, frozen_mask, frozen_codes, axis=ctx.axis)
         shifted = x if offset is None else x - offset
         q = torch.clamp(torch.round(shifted / step), qn, qp)
         if frozen_mask is not None:
@@ -82,9 +82,9 @@ class _LSQFakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (x, step, offset, frozen_mask, frozen_codes), grad_scale = _saved(ctx)
-        if ctx.fused:
+        if ctx.axis is not None:
             grad_x, step_sums, grad_offset = kernels.fake_quantize_backward(
-                grad_out, x, step, offset, ctx.qn, ctx.qp, frozen_mask, frozen_codes)
+                grad_out, x, step, offset, ctx.qn, ctx.qp, frozen_mask, frozen_codes, axis=ctx.axis)
             return grad_x, step_sums * grad_scale, grad_offset, None, None, None, None, None
         shifted = x if offset is None else x - offset
         v = shifted / step
@@ -113,17 +113,18 @@ class _SignedBinarize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, step, grad_scale):
         _save(ctx, grad_scale, x, step)
-        ctx.fused = kernels.usable(x, step)
-        if ctx.fused:
-            return kernels.fake_quantize_forward(x, step, None, -1, 1, binary=True)
+        ctx.axis = kernels.fused_layout(x, step)
+        if ctx.axis is not None:
+            return kernels.fake_quantize_forward(x, step, None, -1, 1, binary=True, axis=ctx.axis)
         sign = torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
         return (sign * step).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         (x, step), grad_scale = _saved(ctx)
-        if ctx.fused:
-            grad_x, step_sums, _ = kernels.fake_quantize_backward(grad_out, x, step, None, -1, 1, binary=True)
+        if ctx.axis is not None:
+            grad_x, step_sums, _ = kernels.fake_quantize_backward(grad_out, x, step, None, -1, 1, binary=True,
+                                                                  axis=ctx.axis)
             return grad_x, step_sums * grad_scale, None
         sign = torch.where(x >= 0, 1.0, -1.0).to(grad_out.dtype)
         grad_x = grad_out * ((x / step).abs() <= 1)

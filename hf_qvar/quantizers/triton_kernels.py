@@ -41,7 +41,7 @@ if HAS_TRITON:
     def _tile(pid_r, pid_c, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
         c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
-        return r, c, (r < rows) & (c < cols)
+        return r, c, r.to(tl.int64) * cols + c, (r < rows) & (c < cols)
 
     @triton.jit
     def _codes(x_ptr, step_ptr, offset_ptr, mask_ptr, codes_ptr, r, c, idx, inb, rows, cols, qn, qp,
@@ -76,11 +76,10 @@ if HAS_TRITON:
         return q, step, beta, inside, d_step
 
     @triton.jit
-    def _forward_kernel(x_ptr, out_ptr, step_ptr, offset_ptr, mask_ptr, codes_ptr, rows, cols, qn, qp,
+    def _forward_kernel(out_ptr, x_ptr, step_ptr, offset_ptr, mask_ptr, codes_ptr, rows, cols, qn, qp,
                         STEP_AXIS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_FROZEN: tl.constexpr,
                         BINARY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        r, c, inb = _tile(tl.program_id(0), tl.program_id(1), rows, cols, BLOCK_R, BLOCK_C)
-        idx = r.to(tl.int64) * cols + c
+        r, c, idx, inb = _tile(tl.program_id(0), tl.program_id(1), rows, cols, BLOCK_R, BLOCK_C)
         q, step, beta, _, _ = _codes(x_ptr, step_ptr, offset_ptr, mask_ptr, codes_ptr, r, c, idx, inb, rows, cols,
                                      qn, qp, STEP_AXIS, HAS_OFFSET, HAS_FROZEN, BINARY)
         out = q * step
@@ -89,13 +88,12 @@ if HAS_TRITON:
         tl.store(out_ptr + idx, out.to(out_ptr.dtype.element_ty), mask=inb)
 
     @triton.jit
-    def _backward_kernel(grad_ptr, x_ptr, step_ptr, offset_ptr, mask_ptr, codes_ptr, grad_x_ptr, step_sums_ptr,
-                         offset_sums_ptr, rows, cols, qn, qp, STEP_AXIS: tl.constexpr, HAS_OFFSET: tl.constexpr,
+    def _backward_kernel(grad_ptr, grad_x_ptr, step_sums_ptr, offset_sums_ptr, x_ptr, step_ptr, offset_ptr,
+                         mask_ptr, codes_ptr, rows, cols, qn, qp, STEP_AXIS: tl.constexpr, HAS_OFFSET: tl.constexpr,
                          HAS_FROZEN: tl.constexpr, BINARY: tl.constexpr, BLOCK_R: tl.constexpr,
                          BLOCK_C: tl.constexpr):
         pid_r, pid_c = tl.program_id(0), tl.program_id(1)
-        r, c, inb = _tile(pid_r, pid_c, rows, cols, BLOCK_R, BLOCK_C)
-        idx = r.to(tl.int64) * cols + c
+        r, c, idx, inb = _tile(pid_r, pid_c, rows, cols, BLOCK_R, BLOCK_C)
         _, _, _, inside, d_step = _codes(x_ptr, step_ptr, offset_ptr, mask_ptr, codes_ptr, r, c, idx, inb, rows,
                                          cols, qn, qp, STEP_AXIS, HAS_OFFSET, HAS_FROZEN, BINARY)
         grad = tl.load(grad_ptr + idx, mask=inb, other=0.0)
@@ -127,10 +125,11 @@ def step_axis(x: torch.Tensor, step: torch.Tensor) -> int | None:
     return None
 
 
-def usable(x: torch.Tensor, step: torch.Tensor, offset: torch.Tensor | None = None) -> bool:
-    """Whether the fused kernels apply: contiguous CUDA tensors on the current device, a step layout they
-    support, a scalar offset, Triton installed, not switched off and not under ``torch.compile``."""
-    return (
+def fused_layout(x: torch.Tensor, step: torch.Tensor, offset: torch.Tensor | None = None) -> int | None:
+    """The `step_axis` of ``x`` when the fused kernels apply (contiguous CUDA tensors on the current device, a
+    scalar offset, Triton installed, not switched off, not under ``torch.compile``); None otherwise. Callers keep
+    it for the backward, so a step decides once."""
+    applies = (
         not torch.compiler.is_compiling()
         and HAS_TRITON
         and x.is_cuda
@@ -139,67 +138,59 @@ def usable(x: torch.Tensor, step: torch.Tensor, offset: torch.Tensor | None = No
         and x.device.index == torch.cuda.current_device()
         and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
         and step.dtype == torch.float32  # the reference then computes in fp32, as the kernels do
-        and step_axis(x, step) is not None
         and (offset is None or (offset.numel() == 1 and offset.dtype == torch.float32))
     )
+    return step_axis(x, step) if applies else None
 
 
-def _shape(x: torch.Tensor, axis: int) -> tuple[int, int]:
+def _geometry(x: torch.Tensor, axis: int) -> tuple[int, int, int, int, tuple[int, int]]:
+    """``rows, cols`` of ``x``'s view for ``axis``, the tile size and the launch grid."""
     cols = x[0].numel() if axis == STEP_PER_ROW else x.shape[-1]
-    return x.numel() // cols, cols
-
-
-def _blocks(rows: int, cols: int) -> tuple[int, int, tuple[int, int]]:
+    rows = x.numel() // cols
     block_c = min(128, triton.next_power_of_2(cols))
     block_r = max(1, min(triton.next_power_of_2(rows), 2048 // block_c))
-    return block_r, block_c, (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+    return rows, cols, block_r, block_c, (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
 
 
-def _flags(offset, frozen_mask, binary: bool) -> dict:
-    return dict(HAS_OFFSET=offset is not None, HAS_FROZEN=frozen_mask is not None, BINARY=binary)
-
-
-def _launch(block_r: int, block_c: int) -> dict:
-    # No fused multiply-add: ``q·α + β`` must round twice, as the reference's two ops do (bit-exact outputs).
-    return dict(BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False)
-
-
-def _frozen_args(frozen_mask, frozen_codes, x):
-    if frozen_mask is None:
-        return x, x  # unused pointers
-    return frozen_mask.contiguous().view(torch.uint8), frozen_codes.contiguous()
+def _run(kernel, outputs: tuple, geometry: tuple, x, step, offset, qn: float, qp: float, frozen_mask, frozen_codes,
+         axis: int, binary: bool) -> None:
+    """Launch ``kernel`` with its ``outputs`` first, then the inputs both kernels share."""
+    rows, cols, block_r, block_c, grid = geometry
+    mask, codes = x, x  # unused pointers without frozen elements
+    if frozen_mask is not None:
+        mask, codes = frozen_mask.contiguous().view(torch.uint8), frozen_codes.contiguous()
+    kernel[grid](*outputs, x, step.contiguous(), x if offset is None else offset, mask, codes, rows, cols, float(qn),
+                 float(qp), STEP_AXIS=axis, HAS_OFFSET=offset is not None, HAS_FROZEN=frozen_mask is not None,
+                 BINARY=binary, BLOCK_R=block_r, BLOCK_C=block_c,
+                 # No fused multiply-add: ``q·α + β`` must round twice, as the reference's two ops do.
+                 enable_fp_fusion=False)
 
 
 def fake_quantize_forward(x, step, offset, qn: float, qp: float, frozen_mask=None, frozen_codes=None,
-                          binary: bool = False) -> torch.Tensor:
-    """``functional``'s forward value: LSQ (``binary=False``) or ``α·sign(x)`` (``binary=True``), in ``x.dtype``."""
-    axis = step_axis(x, step)
-    rows, cols = _shape(x, axis)
-    block_r, block_c, grid = _blocks(rows, cols)
+                          binary: bool = False, axis: int | None = None) -> torch.Tensor:
+    """``functional``'s forward value: LSQ (``binary=False``) or ``α·sign(x)`` (``binary=True``), in ``x.dtype``;
+    ``axis`` as `fused_layout` returned it (computed when left out)."""
+    axis = step_axis(x, step) if axis is None else axis
     out = torch.empty_like(x)
-    mask, codes = _frozen_args(frozen_mask, frozen_codes, x)
-    _forward_kernel[grid](x, out, step.contiguous(), offset if offset is not None else x, mask, codes, rows, cols,
-                          float(qn), float(qp), STEP_AXIS=axis, **_flags(offset, frozen_mask, binary),
-                          **_launch(block_r, block_c))
+    _run(_forward_kernel, (out,), _geometry(x, axis), x, step, offset, qn, qp, frozen_mask, frozen_codes, axis,
+         binary)
     return out
 
 
 def fake_quantize_backward(grad_out, x, step, offset, qn: float, qp: float, frozen_mask=None, frozen_codes=None,
-                           binary: bool = False):
+                           binary: bool = False, axis: int | None = None):
     """``(grad_x, Σ grad·dx̂/dα summed to step.shape, Σ grad outside the grid summed to offset.shape or None)``;
     the caller applies the step's gradient scale."""
-    axis = step_axis(x, step)
-    rows, cols = _shape(x, axis)
-    block_r, block_c, grid = _blocks(rows, cols)
+    axis = step_axis(x, step) if axis is None else axis
+    geometry = _geometry(x, axis)
+    rows, cols, _, _, grid = geometry
     grad_out = grad_out.contiguous()
     grad_x = torch.empty_like(grad_out)
     step_sums = torch.empty((grid[1], rows) if axis != STEP_PER_COL else (grid[0], cols), device=x.device,
                             dtype=torch.float32)
     offset_sums = torch.empty(grid, device=x.device, dtype=torch.float32) if offset is not None else step_sums
-    mask, codes = _frozen_args(frozen_mask, frozen_codes, x)
-    _backward_kernel[grid](grad_out, x, step.contiguous(), offset if offset is not None else x, mask, codes, grad_x,
-                           step_sums, offset_sums, rows, cols, float(qn), float(qp), STEP_AXIS=axis,
-                           **_flags(offset, frozen_mask, binary), **_launch(block_r, block_c))
+    _run(_backward_kernel, (grad_out, grad_x, step_sums, offset_sums), geometry, x, step, offset, qn, qp,
+         frozen_mask, frozen_codes, axis, binary)
     grad_step = step_sums.sum() if axis == ONE_STEP else step_sums.sum(0)
     grad_offset = offset_sums.sum().reshape(offset.shape) if offset is not None else None
     return grad_x, grad_step.reshape(step.shape), grad_offset
