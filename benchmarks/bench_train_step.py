@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
 import time
-
-import os
 
 import torch
 import transformers
@@ -46,6 +45,14 @@ VARIANTS = {
     "w4a4+probs": dict(bits=4, quantize_attention_probs=True),
     "w1a1+probs": dict(bits=1, quantize_attention_probs=True),
 }
+
+
+def provenance(command_prefix: str = "") -> dict:
+    """What every benchmark record names: the command, date (UTC), GPU and library versions."""
+    return dict(command=command_prefix + "python " + " ".join(sys.argv),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                device=torch.cuda.get_device_name(), python=platform.python_version(), torch=torch.__version__,
+                transformers=transformers.__version__, hf_qvar=hf_qvar.__version__)
 
 
 def make_batch(name: str, batch: int, device: str) -> dict[str, torch.Tensor]:
@@ -152,12 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         fp = next(r for r in rows if r["model"] == row["model"] and r["mode"] == row["mode"] and r["variant"] == "fp")
         row["time_vs_fp"] = round(row["step_ms"] / fp["step_ms"], 3)
         row["memory_vs_fp"] = round(row["peak_gib"] / fp["peak_gib"], 3)
-    result = dict(
-        command="python " + " ".join(sys.argv),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=torch.cuda.get_device_name(), python=platform.python_version(), torch=torch.__version__,
-        transformers=transformers.__version__, hf_qvar=hf_qvar.__version__, rows=rows,
-    )
+    result = dict(provenance(), rows=rows)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"{'model':10} {'mode':24} {'variant':11} {'ms':>8} {'x FP':>6} {'GiB':>6} {'mem x':>6}")

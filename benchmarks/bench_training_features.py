@@ -15,18 +15,13 @@ variant / plain step time), so drifts of the host (eager steps are host-bound) h
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
-import sys
 import time
 
 import torch
-import transformers
 
-import hf_qvar
-from bench_train_step import build, calibrate, make_batch, timed, training_step
+from bench_train_step import build, calibrate, make_batch, provenance, timed, training_step
 from hf_qvar.obr import obr_loss
 from hf_qvar.oscillation import OscillationTracker, quantized_weight_layers
 
@@ -107,10 +102,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
         del steps
         torch.cuda.empty_cache()
-    result = dict(command="python " + " ".join(sys.argv),
-                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  device=torch.cuda.get_device_name(), python=platform.python_version(), torch=torch.__version__,
-                  transformers=transformers.__version__, hf_qvar=hf_qvar.__version__, rows=rows)
+    result = dict(provenance(), rows=rows)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 

@@ -10,18 +10,14 @@ device, versions and date to a JSON-lines file.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import sys
 import time
 
 import torch
-import transformers
 from torch.profiler import ProfilerActivity, profile
 
-from bench_train_step import MODELS, VARIANTS, build, calibrate, make_batch, training_step
+from bench_train_step import MODELS, VARIANTS, build, calibrate, make_batch, provenance, training_step
 
 
 def main() -> None:
@@ -51,10 +47,8 @@ def main() -> None:
     gpu_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1000 / 3
     print(f"per step: {wall_ms:.1f} ms wall (profiled), {gpu_ms:.1f} ms of GPU kernels, {len(kernels) / 3:.0f} kernels")
     if args.json:
-        record = dict(command=f"HF_QVAR_TRITON={os.environ.get('HF_QVAR_TRITON', '1')} python " + " ".join(sys.argv),
-                      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                      device=torch.cuda.get_device_name(), python=platform.python_version(), torch=torch.__version__,
-                      transformers=transformers.__version__, model=args.model, variant=args.variant,
+        record = dict(provenance(f"HF_QVAR_TRITON={os.environ.get('HF_QVAR_TRITON', '1')} "),
+                      model=args.model, variant=args.variant,
                       compiled=args.compiled, wall_ms_profiled=round(wall_ms, 1), gpu_kernel_ms=round(gpu_ms, 2),
                       kernels_per_step=round(len(kernels) / 3))
         with open(args.json, "a") as handle:
