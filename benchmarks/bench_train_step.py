@@ -80,8 +80,9 @@ def calibrate(model, batch: dict) -> None:
         model(**batch)
 
 
-def training_step(forward, optimizer, batch: dict, extra_loss=None, after_step=None):
-    """One bf16-autocast training step as a closure: forward, optional extra loss, backward, AdamW."""
+def training_step(forward, optimizer, batch: dict, extra_loss=None, after_backward=None, after_step=None):
+    """One bf16-autocast training step as a closure: forward, optional extra loss, backward, optional gradient
+    work (``after_backward``), AdamW, optional bookkeeping (``after_step``)."""
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -89,6 +90,8 @@ def training_step(forward, optimizer, batch: dict, extra_loss=None, after_step=N
         if extra_loss is not None:
             loss = loss + extra_loss()
         loss.backward()
+        if after_backward is not None:
+            after_backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if after_step is not None:

@@ -1,11 +1,16 @@
 """Cost of OBR + oscillation tracking + freezing on a BERT-base training step, measured side by side.
 
-Same model, batch and optimizer; the step with the features adds ``λ·L_OBR`` to the loss (λ > 0, so OBR is
-really computed), runs the oscillation tracker after every optimizer step, and has 10 % of every weight matrix
-frozen (so the frozen forward path runs). ``--mode compiled`` compiles the model (OBR and tracking run through
-`hf_qvar.compile_utils` in both modes); ``warmup_s`` is the wall time of the warm-up steps, compilation included.
-All variants are built first and then timed in interleaved rounds (the overhead is the median over rounds of
-variant / plain step time), so drifts of the host (eager steps are host-bound) hit both sides alike.
+Same model, batch and optimizer; the step with the features adds OBR's gradient ``λ·∇L_OBR`` after the backward
+as `QVarTrainer` does (`OBRGradient`, λ > 0, so OBR is really computed; ``obr-loss`` instead adds ``λ·L_OBR`` to
+the loss, the trainer's path under fp16 loss scaling, FSDP and DeepSpeed), runs the oscillation tracker after
+every optimizer step, and has 10 % of every weight matrix frozen (so the frozen forward path runs).
+``--mode compiled`` compiles the model (OBR and tracking run through `hf_qvar.compile_utils` in both modes);
+``warmup_s`` is the wall time of the warm-up steps, compilation included.
+
+All variants are built first, then timed in many short interleaved rounds: each round runs ``--iters`` steps of
+every variant back to back, as the Trainer does (no host sync between steps, so GPU work can overlap the next
+step's launches), and the overhead is the median over rounds of variant / plain time. Short rounds keep the
+host's drift (eager steps are host-bound, and this host's speed wanders by ±30 % within seconds) out of the ratio.
 
     python bench_training_features.py --bits 2 --out results/training_features_eager_h100.json
     python bench_training_features.py --bits 2 --mode compiled --variants obr+tracking+freezing \
@@ -21,8 +26,8 @@ import time
 
 import torch
 
-from bench_train_step import build, calibrate, make_batch, provenance, timed, training_step
-from hf_qvar.obr import obr_loss
+from bench_train_step import build, calibrate, make_batch, provenance, training_step
+from hf_qvar.obr import OBRGradient, obr_loss
 from hf_qvar.oscillation import OscillationTracker, quantized_weight_layers
 
 
@@ -37,6 +42,7 @@ def freeze_a_tenth(model) -> None:
 
 
 FEATURES = ("obr", "tracking", "freezing")
+OPTIONAL_FEATURES = ("obr-loss",)
 
 
 def make_step(features: tuple[str, ...], bits: int, mode: str, warmup: int):
@@ -53,15 +59,27 @@ def make_step(features: tuple[str, ...], bits: int, mode: str, warmup: int):
         tracker = OscillationTracker(model, momentum=0.01, threshold=0.005,
                                      freeze_threshold=0.1 if "freezing" in features else None)
         tracker.initialize()
-    extra_loss = (lambda: 0.01 * obr_loss(model)) if "obr" in features else None
+    extra_loss = (lambda: 0.01 * obr_loss(model)) if "obr-loss" in features else None
+    obr = OBRGradient(model) if "obr" in features else None
     forward = torch.compile(model) if mode == "compiled" else model
     step = training_step(forward, optimizer, batch, extra_loss=extra_loss,
+                         after_backward=(lambda: obr.accumulate(0.01)) if obr is not None else None,
                          after_step=tracker.update if tracker is not None else None)
     start = time.time()
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
     return step, time.time() - start
+
+
+def back_to_back(step, iters: int) -> float:
+    """Mean wall time in ms of ``iters`` steps run back to back (one host sync, at the end)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - start) / iters
 
 
 def main() -> None:
@@ -72,24 +90,26 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=None,
                         help="feature sets such as obr or obr+tracking+freezing (default: each alone, then all)")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--iters", type=int, default=10, help="timed steps per variant and round")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=4, help="back-to-back steps per variant and round")
+    parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
     rows = []
     variants = [(f,) for f in FEATURES] + [FEATURES]
     if args.variants:
         variants = [tuple(v.split("+")) for v in args.variants]
-        unknown = {f for v in variants for f in v} - set(FEATURES)
+        unknown = {f for v in variants for f in v} - set(FEATURES + OPTIONAL_FEATURES)
         if unknown:
-            parser.error(f"--variants: unknown features {sorted(unknown)}; expected some of {FEATURES} joined by '+'.")
+            parser.error(f"--variants: unknown features {sorted(unknown)}; expected some of "
+                         f"{FEATURES + OPTIONAL_FEATURES} joined by '+'.")
     for bits in args.bits:
         steps = {(): make_step((), bits, args.mode, args.warmup)}
         for features in variants:
             steps[features] = make_step(features, bits, args.mode, args.warmup)
         times = {features: [] for features in steps}
-        for _ in range(args.rounds):
-            for features, (step, _) in steps.items():
-                times[features].append(timed(step, 0, args.iters)[0])
+        for round_ in range(args.rounds):
+            order = list(steps.items())
+            for features, (step, _) in order[::-1] if round_ % 2 else order:  # alternate who goes first
+                times[features].append(back_to_back(step, args.iters))
         base = times[()]
         for features in variants:
             ratios = [t / b for t, b in zip(times[features], base)]

@@ -20,8 +20,9 @@ import math
 import torch
 from torch import nn
 
-from .nn.qlinear import QuantizedLayerMixin
 from .compile_utils import cuda_compiled
+from .cuda_graphs import GraphedStep
+from .nn.qlinear import QuantizedLayerMixin
 from .quantizers import functional as F
 from .quantizers.fake_quantizer import BinaryWeightQuantizer
 
@@ -44,15 +45,18 @@ _LEVELS_PER_PASS = 16
 
 
 def _one_hot_moments(values: torch.Tensor, bins: torch.Tensor, num_bins: int) -> list[tuple[torch.Tensor, ...]]:
-    """Per-bin (count, Σx, Σx²) of ``(G, n)`` rows from one-hot masked reductions: no scatter atomics, fused
-    into a few reduction kernels when compiled (the GPU path); in chunks of `_LEVELS_PER_PASS` bins."""
-    values, bins = values.unsqueeze(-1), bins.unsqueeze(-1)
+    """Per-bin (count, Σx, Σx²) of ``(G, n)`` rows from masked row reductions, one per bin and moment: no
+    scatter atomics, and compiled (the GPU path) they fuse into one pass over the rows per `_LEVELS_PER_PASS`
+    bins (a ``(G, n, bins)`` one-hot tensor made Inductor re-read the rows once per bin)."""
     moments = []
     for first in range(0, num_bins, _LEVELS_PER_PASS):
-        levels = torch.arange(first, min(first + _LEVELS_PER_PASS, num_bins), device=bins.device)
-        member = bins == levels  # (G, n, k)
-        moments.append((member.sum(dim=1).to(values.dtype), torch.where(member, values, 0).sum(dim=1),
-                        torch.where(member, values * values, 0).sum(dim=1)))
+        members = [bins == level for level in range(first, min(first + _LEVELS_PER_PASS, num_bins))]
+        squares = values * values
+        moments.append(tuple(torch.stack(per_bin, dim=1) for per_bin in (
+            [m.sum(dim=1).to(values.dtype) for m in members],
+            [torch.where(m, values, 0).sum(dim=1) for m in members],
+            [torch.where(m, squares, 0).sum(dim=1) for m in members],
+        )))
     return moments
 
 
@@ -109,23 +113,28 @@ def _terms(residual: torch.Tensor, codes: torch.Tensor, frozen_mask: torch.Tenso
 
 
 @cuda_compiled
-def lsq_obr_terms(weight: torch.Tensor, step: torch.Tensor, grad_scale: torch.Tensor,
-                  frozen_mask: torch.Tensor | None, qn: int, qp: int, layers: int, groups: int,
-                  mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """OBR terms of stacked LSQ layers; gradients reach W inside the clip range and α (scaled by ``grad_scale``)."""
-    scaled_step = (step - step.detach()) * grad_scale + step.detach()
+def lsq_obr_terms(weight: torch.Tensor, quantizer: nn.Module, step_size: torch.Tensor, frozen_mask: torch.Tensor | None,
+                  layers: int, mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """OBR terms of ``layers`` stacked LSQ layers quantized like ``quantizer`` (their step sizes stacked in
+    ``step_size``); gradients reach W inside the clip range and α (scaled by the step-size gradient scale)."""
+    qn, qp = quantizer.qn, quantizer.qp
+    step = quantizer.expand(step_size, weight.ndim)
+    scaled_step = (step - step.detach()) * quantizer.grad_scale(weight, lead=1) + step.detach()
     w_clip = torch.clamp(weight / scaled_step, qn, qp) * scaled_step
     codes = F.integer_codes(weight, step.detach(), qn, qp)
-    return _terms(w_clip - codes * step.detach(), codes, frozen_mask, qn, qp - qn + 1, layers, groups, mean)
+    return _terms(w_clip - codes * step.detach(), codes, frozen_mask, qn, qp - qn + 1, layers,
+                  layers * quantizer.num_groups, mean)
 
 
 @cuda_compiled
-def binary_obr_terms(weight: torch.Tensor, scale: torch.Tensor, center: torch.Tensor, frozen_mask: torch.Tensor | None,
-                     layers: int, groups: int, mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def binary_obr_terms(weight: torch.Tensor, quantizer: nn.Module, frozen_mask: torch.Tensor | None, layers: int,
+                     mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """OBR terms of stacked BWN layers: no clip, the scale is not learnt, bins are the two signs."""
+    scale, center = quantizer._stats(weight, lead=1)
     codes = torch.where(weight.detach() >= center, 1.0, -1.0).to(weight.dtype)
     # Codes are ±1: bin ids (code + 1) / 2 ∈ {0, 1}.
-    return _terms(weight - codes * scale, (codes + 1) / 2, frozen_mask, 0, 2, layers, groups, mean)
+    return _terms(weight - codes * scale, (codes + 1) / 2, frozen_mask, 0, 2, layers,
+                  layers * quantizer.num_groups, mean)
 
 
 def _stack_key(layer: QuantizedLayerMixin) -> tuple:
@@ -135,18 +144,24 @@ def _stack_key(layer: QuantizedLayerMixin) -> tuple:
             w.device, q.frozen_mask is not None)
 
 
-def stacked_obr_terms(layers: list[QuantizedLayerMixin], reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+def stacked_obr_terms(layers: list[QuantizedLayerMixin], reduction: str = "mean", weight: torch.Tensor | None = None,
+                      step_size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Σ term1, Σ term2)`` of layers with one `_stack_key`, computed on their stacked weights: a handful of
-    kernels for all of them instead of a handful per layer (per-layer launches made OBR host-bound)."""
+    kernels for all of them instead of a handful per layer (per-layer launches made OBR host-bound).
+
+    ``weight`` and ``step_size`` stand in for the stacked weights and step sizes (`OBRGradient` differentiates
+    with respect to leaves of its own); by default the layers' parameters are stacked, so gradients reach them.
+    """
     q = layers[0].weight_quantizer
-    weight = torch.stack([layer.weight for layer in layers])
+    if weight is None:
+        weight = torch.stack([layer.weight for layer in layers])
     mask = torch.stack([layer.weight_quantizer.frozen_mask for layer in layers]) if q.frozen_mask is not None else None
-    count, groups, mean = len(layers), len(layers) * q.num_groups, reduction == "mean"
+    mean = reduction == "mean"
     if isinstance(q, BinaryWeightQuantizer):
-        scale, center = q._stats(weight, lead=1)
-        return binary_obr_terms(weight, scale, center, mask, count, groups, mean)
-    step = q.expand(torch.stack([layer.weight_quantizer.step_size for layer in layers]), weight.ndim)
-    return lsq_obr_terms(weight, step, q.grad_scale(weight, lead=1), mask, q.qn, q.qp, count, groups, mean)
+        return binary_obr_terms(weight, q, mask, len(layers), mean)
+    if step_size is None:
+        step_size = torch.stack([layer.weight_quantizer.step_size for layer in layers])
+    return lsq_obr_terms(weight, q, step_size, mask, len(layers), mean)
 
 
 def obr_layer_terms(layer: QuantizedLayerMixin, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,12 +169,17 @@ def obr_layer_terms(layer: QuantizedLayerMixin, reduction: str = "mean") -> tupl
     return stacked_obr_terms([layer], reduction)
 
 
-def layers_obr_terms(layers: list[QuantizedLayerMixin], reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Σ term1, Σ term2)`` over ``layers``, one stacked pass per group of alike layers."""
+def obr_stacks(layers: list[QuantizedLayerMixin]) -> list[list[QuantizedLayerMixin]]:
+    """``layers`` grouped by `_stack_key`: each group's terms are one stacked pass."""
     stacks: dict[tuple, list[QuantizedLayerMixin]] = {}
     for layer in layers:
         stacks.setdefault(_stack_key(layer), []).append(layer)
-    dampening, bin_variance = zip(*(stacked_obr_terms(stack, reduction) for stack in stacks.values()))
+    return list(stacks.values())
+
+
+def layers_obr_terms(layers: list[QuantizedLayerMixin], reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ term1, Σ term2)`` over ``layers``, one stacked pass per group of alike layers."""
+    dampening, bin_variance = zip(*(stacked_obr_terms(stack, reduction) for stack in obr_stacks(layers)))
     return torch.stack(dampening).sum(), torch.stack(bin_variance).sum()
 
 
@@ -193,3 +213,81 @@ def obr_loss(model: nn.Module, reduction: str = "mean", max_bits: int = 8) -> to
     """``L_OBR = Σ_layers (term1 + term2)``; arguments as `obr_terms`."""
     dampening, bin_variance = obr_terms(model, reduction, max_bits)
     return dampening + bin_variance
+
+
+class OBRGradient:
+    """Adds ``λ·∇L_OBR`` to the gradients of the OBR layers' weights and step sizes, after the backward pass.
+
+    The gradient is autograd's own, of the same `layers_obr_terms`, but taken apart from the training loss:
+    the whole computation then touches the same tensors every step, so on GPUs it is captured once and replayed
+    from a CUDA graph (`GraphedStep`: one launch instead of a few hundred), and only a multi-tensor add remains.
+    The weights do not change between the micro-batches of one optimizer step, so adding it once, to the
+    accumulated (and, under DDP, all-reduced) gradient, equals adding ``λ·L_OBR`` to every micro-batch's loss.
+    Gradients must be plain tensors that hold the true gradient: not sharded (FSDP, DeepSpeed) nor scaled (fp16
+    `GradScaler`); there, add `obr_loss` to the loss instead.
+
+    Args:
+        model (`nn.Module`): a model holding `QuantizedLayerMixin` layers.
+        reduction, max_bits: as `obr_terms`.
+    """
+
+    def __init__(self, model: nn.Module, reduction: str = "mean", max_bits: int = 8):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
+        self.layers = obr_layers(model, max_bits)
+        if not self.layers:
+            raise ValueError(f"OBR found no quantized layer with at most {max_bits} weight bits in {type(model).__name__}.")
+        self.model, self.reduction = model, reduction
+        self._step = GraphedStep(self._terms_and_gradients, self._touched_tensors)
+
+    def _touched_tensors(self) -> list[torch.Tensor]:
+        """Weights, step sizes and frozen masks (what `_terms_and_gradients` reads)."""
+        tensors = []
+        for layer in self.layers:
+            q = layer.weight_quantizer
+            tensors += [t for t in (layer.weight, getattr(q, "step_size", None), q.frozen_mask) if t is not None]
+        return tensors
+
+    def _terms_and_gradients(self) -> tuple[torch.Tensor, torch.Tensor, list[nn.Parameter], list[torch.Tensor]]:
+        """Both terms, and the gradient of their sum for every weight and step size that requires one.
+
+        Autograd differentiates with respect to detached stacked copies (leaves created here), never the
+        parameters themselves: their gradient accumulators belong to the training graph (and to DDP), on the
+        default stream, which a CUDA-graph capture on its own stream must not touch."""
+        terms, leaves, owners = [], [], []
+        with torch.enable_grad():
+            for stack in obr_stacks(self.layers):
+                weight = torch.stack([layer.weight.detach() for layer in stack]).requires_grad_()
+                leaves.append(weight)
+                owners.append([layer.weight for layer in stack])
+                step_size = None
+                if not isinstance(stack[0].weight_quantizer, BinaryWeightQuantizer):
+                    step_size = torch.stack([layer.weight_quantizer.step_size.detach() for layer in stack]).requires_grad_()
+                    leaves.append(step_size)
+                    owners.append([layer.weight_quantizer.step_size for layer in stack])
+                terms.append(stacked_obr_terms(stack, self.reduction, weight, step_size))
+            dampening, bin_variance = (torch.stack(t).sum() for t in zip(*terms))
+            grads = torch.autograd.grad(dampening + bin_variance, leaves)
+        params, per_param = [], []
+        for group, grad in zip(owners, grads):
+            for param, g in zip(group, grad.unbind(0)):
+                if param.requires_grad:
+                    params.append(param)
+                    per_param.append(g)
+        return dampening.detach(), bin_variance.detach(), params, per_param
+
+    @torch.no_grad()
+    def accumulate(self, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``p.grad += λ·∂L_OBR/∂p`` for every parameter the loss reaches; returns ``(term1, term2)`` as
+        `obr_terms` (detached copies)."""
+        dampening, bin_variance, params, grads = self._step()
+        targets, updates = [], []
+        for param, grad in zip(params, grads):
+            if param.grad is None:
+                param.grad = grad * lam
+            else:
+                targets.append(param.grad)
+                updates.append(grad)
+        if targets:
+            torch._foreach_add_(targets, updates, alpha=lam)
+        return dampening.clone(), bin_variance.clone()

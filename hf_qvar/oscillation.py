@@ -15,7 +15,8 @@ oscillating and their ``f`` decays. The reference's momentum 0.001 suits its 190
 0.01, reacts within ~100 steps, which fits fine-tuning runs of a few thousand steps.
 
 Everything is elementwise tensor work per layer (no Python loop over weights); on GPUs one step of all layers
-is one compiled graph (`advance`) that never syncs with the host. The state (incl. frozen masks) round-trips
+is one compiled graph (`advance`) that never syncs with the host, replayed from a CUDA graph (`GraphedStep`),
+so a step costs one launch. The state (incl. frozen masks) round-trips
 through a safetensors file so Trainer checkpoints resume exactly.
 """
 
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .compile_utils import cuda_compiled
+from .cuda_graphs import GraphedStep
 from .nn.qlinear import QuantizedLayerMixin
 from .quantizers.fake_quantizer import BinaryWeightQuantizer
 
@@ -119,6 +121,7 @@ class OscillationTracker:
             raise ValueError(f"{type(model).__name__} has no quantized layer to track.")
         self.momentum, self.threshold, self.freeze_threshold = momentum, threshold, freeze_threshold
         self.state: dict[str, dict[str, torch.Tensor]] = {}
+        self._step = GraphedStep(self._advance, self._touched_tensors)
 
     @property
     def initialized(self) -> bool:
@@ -141,6 +144,7 @@ class OscillationTracker:
                 "frozen_codes": frozen_codes.to(torch.int8),
             }
             self._attach_frozen(layer, self.state[name])
+        self._step.reset()
 
     @torch.no_grad()
     def update(self) -> None:
@@ -148,7 +152,19 @@ class OscillationTracker:
         if not self.initialized:
             self.initialize()
             return
+        self._step()
+
+    def _advance(self) -> None:
         advance(list(self.layers.values()), list(self.state.values()), self.momentum, self.freeze_threshold)
+
+    def _touched_tensors(self) -> list[torch.Tensor]:
+        """The tensors `_advance` reads that may move under it: weights and step sizes. The state tensors (the
+        frozen masks and codes included) change only in `initialize` and `load`, which reset the graph."""
+        tensors = []
+        for layer in self.layers.values():
+            step_size = getattr(layer.weight_quantizer, "step_size", None)  # BWN: none
+            tensors += [layer.weight] if step_size is None else [layer.weight, step_size]
+        return tensors
 
     def _attach_frozen(self, layer: QuantizedLayerMixin, s: dict[str, torch.Tensor]) -> None:
         """Point the quantizer at the state's frozen mask and codes (kept in sync in place from now on)."""
@@ -205,6 +221,7 @@ class OscillationTracker:
             device = layer.weight.device
             self.state[name] = {f: tensors[f"{name}.{f}"].to(device) for f in _FIELDS}
             self._attach_frozen(layer, self.state[name])
+        self._step.reset()
 
 
 @torch.no_grad()

@@ -5,7 +5,9 @@ What it adds, each switched by `QVarTrainingArguments`:
 * distillation from a full-precision teacher (logits, hidden states, attention maps) or from precomputed
   multi-crop ``soft_labels`` in the batch (`hf_qvar.distill`);
 * OBR with its cosine-ramped λ (`hf_qvar.obr`), its two terms logged apart (``obr_dampening``,
-  ``obr_bin_variance``: the summed per-bin variance of the latent weights);
+  ``obr_bin_variance``: the summed per-bin variance of the latent weights); its gradient is added to the
+  accumulated gradient once per optimizer step (`OBRGradient`, one CUDA-graph replay on GPUs), or, under fp16
+  loss scaling, FSDP or DeepSpeed, ``λ·L_OBR`` joins every micro-batch's loss;
 * oscillation tracking and freezing after every optimizer step (`hf_qvar.oscillation`), saved in and
   restored from Trainer checkpoints (``qvar_oscillation.safetensors``);
 * a step-size parameter group (own learning rate, no weight decay).
@@ -38,7 +40,7 @@ from transformers import AutoConfig, PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .distill import attention_mse, hidden_state_mse, logit_distillation, soft_cross_entropy
-from .obr import obr_lambda, obr_terms
+from .obr import OBRGradient, obr_lambda, obr_terms
 from .oscillation import STATE_FILE, OscillationTracker, bake_frozen_weights
 from .training_args import QVarTrainingArguments
 
@@ -125,6 +127,7 @@ class QVarTrainer(Trainer):
             )
             self.add_callback(OscillationCallback(self.tracker))
         self._qvar_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._obr_gradient: OBRGradient | None = None
 
     # ---- losses -------------------------------------------------------------------------------------------
     def current_obr_lambda(self) -> float:
@@ -144,18 +147,45 @@ class QVarTrainer(Trainer):
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
             if self.args.obr_lambda_max > 0:  # otherwise it is just the Trainer's own "loss"
                 self._record("loss_task", loss)
-        lam = self.current_obr_lambda()
-        if self.args.obr_lambda_max > 0:
-            self._record("obr_lambda", torch.tensor(lam, device=loss.device))
-        if lam > 0:  # λ = 0 costs nothing: the regulariser is not even built.
-            dampening, bin_variance = obr_terms(self.accelerator.unwrap_model(model), self.args.obr_reduction,
-                                                self.args.obr_max_bits)
-            reg = dampening + bin_variance
-            self._record("loss_obr", reg)
-            self._record("obr_dampening", dampening)
-            self._record("obr_bin_variance", bin_variance)
-            loss = loss + lam * reg
+        if self.args.obr_lambda_max > 0 and not self._obr_by_gradient():
+            lam = self._record_obr_lambda(loss.device)
+            if lam > 0:  # λ = 0 costs nothing: the regulariser is not even built.
+                dampening, bin_variance = obr_terms(self.accelerator.unwrap_model(model), self.args.obr_reduction,
+                                                    self.args.obr_max_bits)
+                loss = loss + lam * self._record_obr(dampening, bin_variance)
         return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        """The Trainer's step; after the last micro-batch's backward, OBR adds ``λ·∇L_OBR`` to the gradients
+        (`OBRGradient`; the returned loss includes ``λ·L_OBR`` as if it had been part of the loss)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.args.obr_lambda_max > 0 and self._obr_by_gradient() and self.accelerator.sync_gradients:
+            lam = self._record_obr_lambda(loss.device)
+            if lam > 0:
+                unwrapped = self.accelerator.unwrap_model(model)
+                if self._obr_gradient is None or self._obr_gradient.model is not unwrapped:  # e.g. `model_init`
+                    self._obr_gradient = OBRGradient(unwrapped, self.args.obr_reduction, self.args.obr_max_bits)
+                loss = loss + lam * self._record_obr(*self._obr_gradient.accumulate(lam))
+        return loss
+
+    def _obr_by_gradient(self) -> bool:
+        """Whether OBR's gradient can be added to plain, unscaled gradients after the backward (`OBRGradient`);
+        otherwise (fp16 loss scaling, FSDP, DeepSpeed) ``λ·L_OBR`` joins every micro-batch's loss."""
+        return self.accelerator.scaler is None and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+
+    def _record_obr_lambda(self, device: torch.device) -> float:
+        lam = self.current_obr_lambda()
+        self._record("obr_lambda", torch.tensor(lam, device=device))
+        return lam
+
+    def _record_obr(self, dampening: torch.Tensor, bin_variance: torch.Tensor) -> torch.Tensor:
+        """Log both OBR terms and their sum; returns ``L_OBR``."""
+        reg = dampening + bin_variance
+        self._record("loss_obr", reg)
+        self._record("obr_dampening", dampening)
+        self._record("obr_bin_variance", bin_variance)
+        return reg
 
     def _distillation_loss(self, model: nn.Module, inputs: dict[str, Any], soft_labels: torch.Tensor | None):
         args = self.args

@@ -1,5 +1,7 @@
 """GPU paths against the eager reference: OBR and oscillation tracking run as compiled whole-model graphs on CUDA
-(`hf_qvar.compile_utils.cuda_compiled`); ``HF_QVAR_COMPILE=0`` runs the same code eagerly. Skipped without a GPU."""
+(`hf_qvar.compile_utils.cuda_compiled`; ``HF_QVAR_COMPILE=0`` runs the same code eagerly), replayed from CUDA
+graphs (`hf_qvar.cuda_graphs.GraphedStep`; ``HF_QVAR_CUDA_GRAPHS=0`` launches them directly). Skipped without
+a GPU."""
 
 from __future__ import annotations
 
@@ -7,8 +9,9 @@ import pytest
 import torch
 
 from hf_qvar import QVarConfig, quantize_model
+from hf_qvar import cuda_graphs
 from hf_qvar.compile_utils import ENV_SWITCH
-from hf_qvar.obr import obr_terms
+from hf_qvar.obr import OBRGradient, obr_terms
 from hf_qvar.oscillation import OscillationTracker
 from tests.conftest import TINY, example_inputs
 
@@ -48,3 +51,61 @@ def test_compiled_obr_and_tracking_match_eager_on_gpu(bits, monkeypatch):
         for field, value in state.items():
             torch.testing.assert_close(compiled[0][name][field], value, atol=1e-5, rtol=1e-4, msg=f"{name}.{field}")
     assert any(s["frozen_mask"].any() for s in eager[0].values()), "the run never froze a weight"
+
+
+def _train_by_gradient(path: str, steps: int = 10) -> tuple[OBRGradient, OscillationTracker, list[torch.Tensor],
+                                                             list[torch.Tensor]]:
+    """SGD steps of a tiny 2-bit BERT with OBR's gradient added after backward, tracking and freezing; the tracker
+    state makes a round trip through ``path`` half way (new state tensors: a graph must be captured anew)."""
+    cls, make_config = TINY["bert"]
+    torch.manual_seed(0)
+    model = quantize_model(cls(make_config()), QVarConfig(bits=2)).cuda().train()
+    inputs = {k: v.cuda() for k, v in example_inputs("bert").items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=2.0)
+    tracker = OscillationTracker(model, momentum=0.3, freeze_threshold=0.2)
+    tracker.initialize()
+    obr = OBRGradient(model)
+    terms = []
+    for step in range(steps):
+        model(**inputs).logits.square().mean().backward()
+        terms += obr.accumulate(0.5)
+        optimizer.step()
+        optimizer.zero_grad()
+        tracker.update()
+        if step == steps // 2:
+            tracker.save(path)
+            tracker.load(path)
+    return obr, tracker, terms, [p.detach().clone() for p in model.parameters()]
+
+
+def test_cuda_graph_replays_match_direct_launches(monkeypatch, tmp_path):
+    """After `WARMUP_CALLS` direct calls, OBR's gradient and the tracker replay captured graphs: same results."""
+    monkeypatch.setenv(cuda_graphs.ENV_SWITCH, "0")
+    direct = _train_by_gradient(str(tmp_path / "direct.safetensors"))
+    monkeypatch.setenv(cuda_graphs.ENV_SWITCH, "1")
+    replayed = _train_by_gradient(str(tmp_path / "replayed.safetensors"))
+    assert direct[0]._step._graph is None and direct[1]._step._graph is None
+    assert replayed[0]._step._graph is not None and replayed[1]._step._graph is not None
+    torch.testing.assert_close(replayed[2], direct[2], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(replayed[3], direct[3], rtol=1e-5, atol=1e-6)
+    for name, state in direct[1].state.items():
+        for field, value in state.items():
+            torch.testing.assert_close(replayed[1].state[name][field], value, rtol=1e-5, atol=1e-6, msg=f"{name}.{field}")
+    assert any(s["frozen_mask"].any() for s in direct[1].state.values()), "the run never froze a weight"
+
+
+def test_graphed_step_captures_again_when_a_tensor_moves():
+    box = {"x": torch.ones(4, device="cuda")}
+    calls = []
+
+    def double() -> torch.Tensor:
+        calls.append(1)
+        return box["x"].mul_(2).sum()
+
+    step = cuda_graphs.GraphedStep(double, lambda: [box["x"]])
+    sums = [step().item() for _ in range(4)]  # 2 direct calls, a capture, then replays
+    assert sums == [8.0, 16.0, 32.0, 64.0] and len(calls) == cuda_graphs.WARMUP_CALLS + 1
+    box["x"] = torch.ones(4, device="cuda")  # a new tensor: the old graph would write to the old one
+    sums = [step().item() for _ in range(4)]
+    assert sums == [8.0, 16.0, 32.0, 64.0] and len(calls) == 2 * (cuda_graphs.WARMUP_CALLS + 1)
+    assert torch.equal(box["x"], torch.full((4,), 16.0, device="cuda"))

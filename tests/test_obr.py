@@ -14,7 +14,7 @@ from hf_qvar.quantizers.fake_quantizer import BinaryWeightQuantizer, LSQWeightQu
 from tests.conftest import auto_class
 
 
-class _Layer(torch.nn.Module):
+class _Layer(QuantizedLayerMixin, torch.nn.Module):
     """A stand-in quantized layer: a weight and a weight quantizer, nothing else."""
 
     def __init__(self, quantizer, weight):
@@ -23,9 +23,9 @@ class _Layer(torch.nn.Module):
         self.weight_quantizer = quantizer
 
 
-def _lsq_layer(bits: int, granularity: str, seed: int = 0) -> _Layer:
+def _lsq_layer(bits: int, granularity: str, seed: int = 0, cols: int = 40) -> _Layer:
     torch.manual_seed(seed)
-    weight = torch.randn(6, 40, dtype=torch.double) * 0.1
+    weight = torch.randn(6, cols, dtype=torch.double) * 0.1
     quantizer = LSQWeightQuantizer(bits, granularity=granularity, channels=6).double()
     quantizer.initialize(weight)
     with torch.no_grad():  # shrink the step a bit so both ends of the grid clip
@@ -57,8 +57,9 @@ def reference_terms(weight, step_size, qn, qp, per_channel, reduction="mean"):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_obr_terms_and_gradients_match_naive_loop(bits, granularity, reduction):
-    layer = _lsq_layer(bits, granularity, seed=bits)
+@pytest.mark.parametrize("cols", [40, 8192])  # 8192: rows longer than SUB_ROW, reduced in sub-rows
+def test_obr_terms_and_gradients_match_naive_loop(bits, granularity, reduction, cols):
+    layer = _lsq_layer(bits, granularity, seed=bits, cols=cols)
     q = layer.weight_quantizer
     term1, term2 = obr_layer_terms(layer, reduction)
     (term1 + 3 * term2).backward()
@@ -105,8 +106,9 @@ def test_one_hot_and_scatter_bin_moments_agree(num_bins):
     assert results[0][0].sum() == (bins < num_bins).sum()
 
 
-def test_frozen_elements_are_left_out():
-    layer = _lsq_layer(2, "per_tensor")
+@pytest.mark.parametrize("cols", [40, 8192])
+def test_frozen_elements_are_left_out(cols):
+    layer = _lsq_layer(2, "per_tensor", cols=cols)
     q = layer.weight_quantizer
     full = obr_layer_terms(layer)
     mask = torch.zeros_like(layer.weight, dtype=torch.bool)
@@ -159,11 +161,12 @@ def test_obr_loss_sums_every_quantized_layer_of_a_model(tiny_checkpoints):
         obr_loss(model, reduction="max")
 
 
-def _mixed_layers(frozen: bool) -> list[_Layer]:
+def _mixed_layers(frozen: bool, cols: int = 40) -> list[_Layer]:
     """Two alike per-tensor 2-bit layers (one stack), a per-channel 3-bit layer and a BWN layer."""
-    layers = [_lsq_layer(2, "per_tensor", seed=5), _lsq_layer(2, "per_tensor", seed=6), _lsq_layer(3, "per_channel", seed=7)]
+    layers = [_lsq_layer(2, "per_tensor", seed=5, cols=cols), _lsq_layer(2, "per_tensor", seed=6, cols=cols),
+              _lsq_layer(3, "per_channel", seed=7, cols=cols)]
     torch.manual_seed(8)
-    layers.append(_Layer(BinaryWeightQuantizer(1, channels=6), torch.randn(6, 40, dtype=torch.double)))
+    layers.append(_Layer(BinaryWeightQuantizer(1, channels=6), torch.randn(6, cols, dtype=torch.double)))
     g = torch.Generator().manual_seed(0)
     for layer in layers if frozen else []:
         q = layer.weight_quantizer
@@ -179,13 +182,14 @@ def _terms_and_grads(layers: list[_Layer], terms) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("frozen", [False, True])
-def test_stacked_layers_give_the_sum_of_per_layer_terms(frozen):
+@pytest.mark.parametrize("cols", [40, 8192])
+def test_stacked_layers_give_the_sum_of_per_layer_terms(frozen, cols):
     """`layers_obr_terms` stacks alike layers into one pass: same terms and gradients as layer by layer."""
     from hf_qvar.obr import layers_obr_terms
 
-    layers = _mixed_layers(frozen)
+    layers = _mixed_layers(frozen, cols)
     stacked = _terms_and_grads(layers, layers_obr_terms(layers, "mean"))
-    layers = _mixed_layers(frozen)
+    layers = _mixed_layers(frozen, cols)
     per_layer = [obr_layer_terms(layer) for layer in layers]
     looped = _terms_and_grads(layers, (sum(t[0] for t in per_layer), sum(t[1] for t in per_layer)))
     for a, b in zip(stacked, looped):
@@ -204,3 +208,25 @@ def test_compiled_obr_matches_eager(monkeypatch):
     compiled = _terms_and_grads(layers := _mixed_layers(True), obr.layers_obr_terms(layers, "mean"))
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_obr_gradient_adds_lambda_times_the_loss_gradient():
+    """`OBRGradient.accumulate(λ)` adds λ·∇L_OBR to gradients already there (and creates missing ones); its terms
+    are `layers_obr_terms`'."""
+    from hf_qvar.obr import OBRGradient, layers_obr_terms
+
+    model, reference = torch.nn.ModuleList(_mixed_layers(frozen=True)), torch.nn.ModuleList(_mixed_layers(frozen=True))
+    term1, term2 = layers_obr_terms(list(reference), "mean")
+    (0.5 * (term1 + term2)).backward()
+    previous = [torch.full_like(p, 0.25) for p in model.parameters()]
+    for p, g in zip(model.parameters(), previous):
+        p.grad = g.clone()
+    model[0].weight.grad = None
+    got = OBRGradient(model).accumulate(0.5)
+    torch.testing.assert_close(got, (term1.detach(), term2.detach()))
+    for i, (p, ref) in enumerate(zip(model.parameters(), reference.parameters())):
+        torch.testing.assert_close(p.grad, ref.grad + (0 if i == 0 else previous[i]), msg=str(i))
+    with pytest.raises(ValueError, match="reduction"):
+        OBRGradient(model, reduction="max")
+    with pytest.raises(ValueError, match="no quantized layer"):
+        OBRGradient(torch.nn.Linear(2, 2))

@@ -236,3 +236,19 @@ def test_frozen_weights_keep_code_and_get_no_gradient():
     reference[1:].sum().backward()
     expected = step_grad - 6 * quantizer.grad_scale(w.detach()).flatten()[0]
     torch.testing.assert_close(quantizer.step_size.grad, expected.reshape(1))
+
+
+def test_optimizer_steps_leave_step_sizes_positive():
+    """The global post-step hook clamps every step size to ≥ MIN_STEP (one multi-tensor call) and nothing else."""
+    from hf_qvar.quantizers.fake_quantizer import MIN_STEP
+
+    quantizers = [LSQWeightQuantizer(2, granularity="per_channel", channels=3), LSQActivationQuantizer(4)]
+    other = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([*quantizers[0].parameters(), *quantizers[1].parameters(), other], lr=1.0)
+    for q in quantizers:
+        q.step_size.grad = torch.linspace(0.5, 2.0, q.step_size.numel())  # steps 1 - grad: some go negative
+    other.grad = torch.ones(3)
+    optimizer.step()
+    torch.testing.assert_close(quantizers[0].step_size, torch.tensor([0.5, MIN_STEP, MIN_STEP]))
+    torch.testing.assert_close(quantizers[1].step_size, torch.tensor([0.5]))
+    torch.testing.assert_close(other, -torch.ones(3))  # an ordinary parameter may go negative

@@ -114,6 +114,27 @@ def test_distillation_with_gradient_accumulation_matches_full_batch(ckpt, tmp_pa
                 torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-8, msg=f"{step} {name}")
 
 
+def test_obr_gradient_after_backward_equals_obr_in_the_loss(ckpt, tmp_path, monkeypatch):
+    """`QVarTrainer` adds OBR's gradient once per optimizer step (`OBRGradient`); under fp16 loss scaling, FSDP or
+    DeepSpeed, λ·L_OBR joins every micro-batch's loss instead. Both give the same gradients, logs and "loss"."""
+    by_gradient, by_gradient_grads = _train_recording(ckpt, tmp_path / "gradient", per_device_train_batch_size=4,
+                                                      gradient_accumulation_steps=2)
+    assert by_gradient._obr_gradient is not None
+    monkeypatch.setattr(QVarTrainer, "_obr_by_gradient", lambda self: False)
+    in_loss, in_loss_grads = _train_recording(ckpt, tmp_path / "loss", per_device_train_batch_size=4,
+                                              gradient_accumulation_steps=2)
+    assert in_loss._obr_gradient is None
+    for got, expected in zip(by_gradient.state.log_history, in_loss.state.log_history):
+        assert got.keys() == expected.keys()
+        for key in expected.keys() & {"loss", "loss_obr", "obr_dampening", "obr_bin_variance", "obr_lambda"}:
+            assert got[key] == pytest.approx(expected[key], rel=1e-5), key
+    assert by_gradient.state.log_history[1]["loss_obr"] > 0
+    for step, (a, b) in enumerate(zip(by_gradient_grads.grads, in_loss_grads.grads)):
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-8, msg=f"{step} {name}")
+
+
 def test_soft_labels_are_the_only_target(ckpt, tmp_path):
     data = text_dataset(16)
     soft = torch.softmax(torch.randn(16, 2, generator=torch.Generator().manual_seed(0)), dim=-1)

@@ -43,12 +43,12 @@ def clamp_step_sizes(optimizer: torch.optim.Optimizer, *args, **kwargs) -> None:
 
     Doing the reference's clamp after the update instead of inside the forward keeps the
     forward free of in-place parameter writes (``torch.compile``-friendly) and guarantees that
-    saved checkpoints hold positive steps whichever training loop is used.
+    saved checkpoints hold positive steps whichever training loop is used. One multi-tensor launch
+    per device and dtype (a launch per step size was ~150 launches per BERT-base step).
     """
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            if getattr(param, "_qvar_positive", False):
-                param.clamp_(min=MIN_STEP)
+    steps = [p for group in optimizer.param_groups for p in group["params"] if getattr(p, "_qvar_positive", False)]
+    if steps:
+        torch._foreach_clamp_min_(steps, MIN_STEP)
 
 
 def mark_step_parameters(model: nn.Module) -> None:
