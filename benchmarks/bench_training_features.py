@@ -10,7 +10,8 @@ every optimizer step, and has 10 % of every weight matrix frozen (so the frozen 
 All variants are built first, then timed in many short interleaved rounds: each round runs ``--iters`` steps of
 every variant back to back, as the Trainer does (no host sync between steps, so GPU work can overlap the next
 step's launches), and the overhead is the median over rounds of variant / plain time. Short rounds keep the
-host's drift (eager steps are host-bound, and this host's speed wanders by ±30 % within seconds) out of the ratio.
+host's drift (eager steps are host-bound, and this host's speed wanders by ±30 % within seconds) out of the ratio;
+``host_overhead`` is the same ratio of this thread's CPU time, which waiting for a busy host's CPUs leaves out.
 
     python bench_training_features.py --bits 2 --out results/training_features_eager_h100.json
     python bench_training_features.py --bits 2 --mode compiled --variants obr+tracking+freezing \
@@ -72,14 +73,17 @@ def make_step(features: tuple[str, ...], bits: int, mode: str, warmup: int):
     return step, time.time() - start
 
 
-def back_to_back(step, iters: int) -> float:
-    """Mean wall time in ms of ``iters`` steps run back to back (one host sync, at the end)."""
+def back_to_back(step, iters: int) -> tuple[float, float]:
+    """Mean wall time and mean host CPU time (this thread, up to the final sync) in ms of ``iters`` steps run back
+    to back (one host sync, at the end). Host time is what an eager, host-bound step costs, and unlike wall time
+    it does not count the time this process waits for a busy host's CPUs."""
     torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.thread_time()
     for _ in range(iters):
         step()
+    cpu = time.thread_time() - start_cpu
     torch.cuda.synchronize()
-    return 1000 * (time.perf_counter() - start) / iters
+    return 1000 * (time.perf_counter() - start) / iters, 1000 * cpu / iters
 
 
 def main() -> None:
@@ -106,18 +110,25 @@ def main() -> None:
         for features in variants:
             steps[features] = make_step(features, bits, args.mode, args.warmup)
         times = {features: [] for features in steps}
+        host = {features: [] for features in steps}
         for round_ in range(args.rounds):
             order = list(steps.items())
             for features, (step, _) in order[::-1] if round_ % 2 else order:  # alternate who goes first
-                times[features].append(back_to_back(step, args.iters))
-        base = times[()]
+                wall, cpu = back_to_back(step, args.iters)
+                times[features].append(wall)
+                host[features].append(cpu)
         for features in variants:
-            ratios = [t / b for t, b in zip(times[features], base)]
+            ratios = [t / b for t, b in zip(times[features], times[()])]
+            host_ratios = [t / b for t, b in zip(host[features], host[()])]
             rows.append(dict(model="bert-base", batch=32, seq=128, bits=bits, mode=args.mode,
-                             features="+".join(features), base_ms=round(statistics.median(base), 3),
+                             features="+".join(features), base_ms=round(statistics.median(times[()]), 3),
                              ms=round(statistics.median(times[features]), 3),
                              overhead=round(statistics.median(ratios) - 1, 4),
                              overhead_per_round=[round(r - 1, 4) for r in ratios],
+                             base_host_ms=round(statistics.median(host[()]), 3),
+                             host_ms=round(statistics.median(host[features]), 3),
+                             host_overhead=round(statistics.median(host_ratios) - 1, 4),
+                             host_overhead_per_round=[round(r - 1, 4) for r in host_ratios],
                              base_warmup_s=round(steps[()][1], 1), warmup_s=round(steps[features][1], 1)))
             print(json.dumps(rows[-1]), flush=True)
         del steps
