@@ -5,10 +5,10 @@ training step. Launched from Python that is host time (≈ 15 ms and 3 ms per BE
 more than the GPU needs for the work); captured once into a CUDA graph, a step is a single launch.
 
 A graph reads and writes its tensors at the addresses they had at capture time. Every call therefore checks
-the addresses (and ``requires_grad``) of the tensors the computation touches and captures anew when one changed
-(a checkpoint load, ``model.to``); the captured tensors' storages are kept alive, so no other tensor can take over an address
-unnoticed. Anywhere a graph cannot be used (CPU, ``torch.compile`` tracing, an outer capture, tensors on
-several devices, ``HF_QVAR_CUDA_GRAPHS=0``) the function simply runs.
+the addresses (and ``requires_grad``) of the tensors the computation touches and captures anew when one
+changed (a checkpoint load, ``model.to``); the captured tensors' storages are kept alive, so no other tensor
+can take over an address unnoticed. Anywhere a graph cannot be used (CPU, ``torch.compile`` tracing, an outer
+capture, tensors on several devices, ``HF_QVAR_CUDA_GRAPHS=0``) the function simply runs.
 """
 
 from __future__ import annotations

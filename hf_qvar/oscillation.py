@@ -16,8 +16,8 @@ oscillating and their ``f`` decays. The reference's momentum 0.001 suits its 190
 
 Everything is elementwise tensor work per layer (no Python loop over weights); on GPUs one step of all layers
 is one compiled graph (`advance`) that never syncs with the host, replayed from a CUDA graph (`GraphedStep`),
-so a step costs one launch. The state (incl. frozen masks) round-trips
-through a safetensors file so Trainer checkpoints resume exactly.
+so a step costs one launch. The state (incl. frozen masks) round-trips through a safetensors file so Trainer
+checkpoints resume exactly.
 """
 
 from __future__ import annotations
