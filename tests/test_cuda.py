@@ -109,3 +109,35 @@ def test_graphed_step_captures_again_when_a_tensor_moves():
     sums = [step().item() for _ in range(4)]
     assert sums == [8.0, 16.0, 32.0, 64.0] and len(calls) == 2 * (cuda_graphs.WARMUP_CALLS + 1)
     assert torch.equal(box["x"], torch.full((4,), 16.0, device="cuda"))
+
+
+def _trainer_on_gpu(tmp_path, graphs: str, monkeypatch):
+    """QVarTrainer on CUDA with OBR (by gradient), tracking and freezing, pinned-memory data loading."""
+    from transformers import BertForSequenceClassification
+
+    from hf_qvar import QVarTrainer, QVarTrainingArguments
+    from tests.accelerate_train_tiny import calibration_batch, text_dataset, tiny_bert
+
+    monkeypatch.setenv(cuda_graphs.ENV_SWITCH, graphs)
+    path = tiny_bert(str(tmp_path / f"student{graphs}"), seed=0)
+    model = BertForSequenceClassification.from_pretrained(path, quantization_config=QVarConfig(bits=2)).cuda()
+    with torch.no_grad():
+        model(**{k: v.cuda() for k, v in calibration_batch().items()})
+    args = QVarTrainingArguments(
+        output_dir=str(tmp_path / f"out{graphs}"), report_to="none", save_strategy="no", logging_steps=1, seed=0,
+        disable_tqdm=True, learning_rate=5e-3, per_device_train_batch_size=4, max_steps=12, dataloader_pin_memory=True,
+        obr_lambda_max=0.01, obr_start=0.0, oscillation_freeze_threshold=0.3, oscillation_momentum=0.5)
+    trainer = QVarTrainer(model=model, args=args, train_dataset=text_dataset(32))
+    trainer.train()
+    return trainer
+
+
+def test_trainer_replays_graphs_and_matches_direct_launches(tmp_path, monkeypatch):
+    direct = _trainer_on_gpu(tmp_path, "0", monkeypatch)
+    replayed = _trainer_on_gpu(tmp_path, "1", monkeypatch)
+    assert replayed._obr_gradient._step._graph is not None and replayed.tracker._step._graph is not None
+    for (name, a), b in zip(direct.model.state_dict().items(), replayed.model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    logged = [h["loss_obr"] for h in replayed.state.log_history if "loss_obr" in h]
+    assert logged == pytest.approx([h["loss_obr"] for h in direct.state.log_history if "loss_obr" in h], rel=1e-4)
+    assert replayed.tracker.stats()["frozen_pct"] > 0
