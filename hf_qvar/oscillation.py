@@ -233,7 +233,7 @@ def bake_frozen_weights(model: nn.Module) -> int:
     get the same treatment, but their per-matrix scale and center are recomputed from the baked weights, so
     their values (not their frozen signs) may shift slightly; a warning says so.
     """
-    baked = 0
+    baked, binary = 0, []
     for name, layer in quantized_weight_layers(model).items():
         quantizer = layer.weight_quantizer
         if quantizer.frozen_mask is None:
@@ -242,8 +242,10 @@ def bake_frozen_weights(model: nn.Module) -> int:
         layer.weight.copy_(torch.where(quantizer.frozen_mask, value, layer.weight))
         baked += int(quantizer.frozen_mask.sum())
         if isinstance(quantizer, BinaryWeightQuantizer):
-            logger.warning(
-                "Baked frozen weights of BWN layer %s: the reloaded scale is recomputed from the baked weights, so "
-                "its values are not bit-identical to the frozen forward.", name,
-            )
+            binary.append(name)
+    if binary:
+        logger.warning(
+            "Baked frozen weights of %d BWN layers (%s, ...): a reload recomputes their scales from the baked "
+            "weights, so their values are not bit-identical to the frozen forward.", len(binary), binary[0],
+        )
     return baked

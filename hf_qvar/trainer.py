@@ -208,6 +208,12 @@ class QVarTrainer(Trainer):
             teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
             with torch.no_grad(), self.accelerator.autocast():
                 teacher_out = self.teacher(**teacher_inputs)
+            if need_teacher_logits and getattr(teacher_out, "logits", None) is None:
+                raise ValueError(
+                    f"The teacher ({type(self.teacher).__name__}) returns no logits to distil: use a fine-tuned task "
+                    "model as teacher (e.g. a ...ForSequenceClassification checkpoint), or set "
+                    "`distillation_logits_weight=0` to distil hidden states only."
+                )
         if args.distillation_logits_weight > 0:  # precomputed soft labels win over the teacher's logits (FKD, T=1)
             terms["loss_kd_logits"] = (args.distillation_logits_weight, soft_cross_entropy(outputs.logits, soft_labels)
                                        if soft_labels is not None else

@@ -135,6 +135,22 @@ def test_obr_gradient_after_backward_equals_obr_in_the_loss(ckpt, tmp_path, monk
             torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-8, msg=f"{step} {name}")
 
 
+def test_teacher_without_logits_is_a_clear_error(ckpt, tmp_path):
+    """A base-model checkpoint as teacher (no task head) cannot give logits: say so, and how to go on."""
+    from transformers import BertModel
+
+    args = qargs(tmp_path, max_steps=1)
+    trainer = QVarTrainer(model=student(ckpt["student"]), args=args, train_dataset=text_dataset(8),
+                          teacher_model=BertModel.from_pretrained(ckpt["teacher"]))
+    with pytest.raises(ValueError, match="returns no logits.*distillation_logits_weight=0"):
+        trainer.train()
+    args = qargs(tmp_path, max_steps=1, distillation_logits_weight=0.0)
+    trainer = QVarTrainer(model=student(ckpt["student"]), args=args, train_dataset=text_dataset(8),
+                          teacher_model=BertModel.from_pretrained(ckpt["teacher"]))
+    trainer.train()  # hidden states only
+    assert "loss_kd_hidden" in trainer.state.log_history[0]
+
+
 def test_soft_labels_are_the_only_target(ckpt, tmp_path):
     data = text_dataset(16)
     soft = torch.softmax(torch.randn(16, 2, generator=torch.Generator().manual_seed(0)), dim=-1)
