@@ -10,7 +10,8 @@ What it adds, each switched by `QVarTrainingArguments`:
   loss scaling, FSDP or DeepSpeed, ``λ·L_OBR`` joins every micro-batch's loss;
 * oscillation tracking and freezing after every optimizer step (`hf_qvar.oscillation`), saved in and
   restored from Trainer checkpoints (``qvar_oscillation.safetensors``);
-* a step-size parameter group (own learning rate, no weight decay).
+* a step-size parameter group (own learning rate, no weight decay);
+* at the end of training, a check that the quantizer state is identical on all ranks (`RankConsistencyCallback`).
 
 Every loss component, λ, oscillation % and frozen % goes through the Trainer's own `log`.
 
@@ -28,6 +29,7 @@ teacher then labels the exact crop the student sees.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections import defaultdict
@@ -70,6 +72,40 @@ def load_teacher(teacher: str | nn.Module, student: nn.Module, output_attentions
     elif output_attentions and getattr(getattr(teacher, "config", None), "_attn_implementation", "eager") not in _EAGER_ATTENTION:
         teacher.set_attn_implementation("eager")
     return teacher.eval().requires_grad_(False)
+
+
+def quantizer_state_digest(model: nn.Module) -> str:
+    """A short SHA-256 of every step size, offset and frozen mask/code of ``model``: equal on all ranks of a
+    correct data-parallel run (what a rank-by-rank comparison of the quantizer state checks)."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if is_step_size_parameter(name):
+            digest.update(name.encode() + param.detach().float().cpu().numpy().tobytes())
+    for name, module in model.named_modules():
+        for field in ("frozen_mask", "frozen_codes"):
+            value = getattr(module, field, None)
+            if isinstance(value, torch.Tensor):
+                digest.update(f"{name}.{field}".encode() + value.detach().to(torch.int8).cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class RankConsistencyCallback(TrainerCallback):
+    """At the end of training, gathers `quantizer_state_digest` from every rank into ``digests`` and warns if
+    they differ (quantizer initialisation and frozen masks must be identical on all ranks)."""
+
+    def __init__(self):
+        self.digests: list[str] = []
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        digest = quantizer_state_digest(model)
+        self.digests = [digest]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.digests = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(self.digests, digest)
+        if len(set(self.digests)) > 1:
+            logger.warning("Quantizer states differ between ranks (digest per rank: %s).", self.digests)
+        else:
+            logger.info("Quantizer state identical on %d rank(s): digest %s.", len(self.digests), digest)
 
 
 class OscillationCallback(TrainerCallback):
@@ -128,6 +164,8 @@ class QVarTrainer(Trainer):
             self.add_callback(OscillationCallback(self.tracker))
         self._qvar_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._obr_gradient: OBRGradient | None = None
+        self.rank_consistency = RankConsistencyCallback()
+        self.add_callback(self.rank_consistency)
 
     # ---- losses -------------------------------------------------------------------------------------------
     def current_obr_lambda(self) -> float:

@@ -78,6 +78,8 @@ def main() -> None:
         frozen = trainer.tracker.stats()["frozen_pct"]
         with open(os.path.join(out_dir, "frozen_pct.txt"), "w") as f:
             f.write(str(frozen))
+        with open(os.path.join(out_dir, "rank_digests.txt"), "w") as f:
+            f.write(" ".join(trainer.rank_consistency.digests))
 
 
 if __name__ == "__main__":

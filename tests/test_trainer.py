@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -260,15 +261,38 @@ def test_two_ddp_processes_match_one_process_with_accumulation(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     single = [sys.executable, script, str(tmp_path / "one"), "--per_device_train_batch_size", "4",
               "--gradient_accumulation_steps", "2"]
+    with socket.socket() as probe:  # a free port: the default 29500 may be taken on a shared CI machine
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
     ddp = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", script, str(tmp_path / "two"),
-           "--per_device_train_batch_size", "4"]
+           "--num_machines", "1", "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no",
+           script, str(tmp_path / "two"), "--per_device_train_batch_size", "4"]
     for cmd in (single, ddp):
         result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-4000:]
+        assert result.returncode == 0, f"{cmd[:6]} failed:\n{result.stderr[-4000:]}"
     one, two = load_file(str(tmp_path / "one" / "final.safetensors")), load_file(str(tmp_path / "two" / "final.safetensors"))
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
     frozen = [float((tmp_path / d / "frozen_pct.txt").read_text()) for d in ("one", "two")]
     assert frozen[0] == frozen[1] > 0
+    digests = (tmp_path / "two" / "rank_digests.txt").read_text().split()
+    assert len(digests) == 2 and digests[0] == digests[1], f"quantizer state differs between ranks: {digests}"
+
+
+def test_quantizer_state_digest_sees_step_sizes_and_frozen_masks(ckpt):
+    from hf_qvar.trainer import quantizer_state_digest
+
+    a, b = student(ckpt["student"]), student(ckpt["student"])
+    assert quantizer_state_digest(a) == quantizer_state_digest(b)
+    layer = next(m for m in b.modules() if isinstance(m, QuantizedLayerMixin))
+    with torch.no_grad():
+        layer.weight_quantizer.step_size.mul_(1 + 1e-6)
+    assert quantizer_state_digest(a) != quantizer_state_digest(b)
+    c = student(ckpt["student"])
+    q = next(m for m in c.modules() if isinstance(m, QuantizedLayerMixin)).weight_quantizer
+    q.frozen_mask = torch.zeros_like(layer.weight, dtype=torch.bool)
+    q.frozen_codes = torch.zeros_like(layer.weight, dtype=torch.int8)
+    before = quantizer_state_digest(c)
+    q.frozen_mask[0, 0] = True
+    assert quantizer_state_digest(c) != before
