@@ -191,6 +191,16 @@ def obr_layers(model: nn.Module, max_bits: int = 8) -> list[QuantizedLayerMixin]
     ]
 
 
+def _checked_obr_layers(model: nn.Module, reduction: str, max_bits: int) -> list[QuantizedLayerMixin]:
+    """`obr_layers`, after checking ``reduction``; an error if there are none."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
+    layers = obr_layers(model, max_bits)
+    if not layers:
+        raise ValueError(f"OBR found no quantized layer with at most {max_bits} weight bits in {type(model).__name__}.")
+    return layers
+
+
 def obr_terms(model: nn.Module, reduction: str = "mean", max_bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Σ_layers term1, Σ_layers term2)`` over `obr_layers`: the dampening term and the summed per-bin
     variance, which `QVarTrainer` logs separately (the bin variance over training is what OBR shrinks).
@@ -201,12 +211,7 @@ def obr_terms(model: nn.Module, reduction: str = "mean", max_bits: int = 8) -> t
         max_bits (`int`, *optional*, defaults to 8): skip layers whose weights have more bits (the reference
             includes 8-bit boundary layers; lower it to leave them out, method.md §10 #3).
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
-    layers = obr_layers(model, max_bits)
-    if not layers:
-        raise ValueError(f"OBR found no quantized layer with at most {max_bits} weight bits in {type(model).__name__}.")
-    return layers_obr_terms(layers, reduction)
+    return layers_obr_terms(_checked_obr_layers(model, reduction, max_bits), reduction)
 
 
 def obr_loss(model: nn.Module, reduction: str = "mean", max_bits: int = 8) -> torch.Tensor:
@@ -232,11 +237,7 @@ class OBRGradient:
     """
 
     def __init__(self, model: nn.Module, reduction: str = "mean", max_bits: int = 8):
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
-        self.layers = obr_layers(model, max_bits)
-        if not self.layers:
-            raise ValueError(f"OBR found no quantized layer with at most {max_bits} weight bits in {type(model).__name__}.")
+        self.layers = _checked_obr_layers(model, reduction, max_bits)
         self.model, self.reduction = model, reduction
         self._step = GraphedStep(self._terms_and_gradients, self._touched_tensors)
 
