@@ -127,6 +127,30 @@ def time_steps(model, batch: dict, compiled: bool, warmup: int, iters: int,
     return timed(training_step(forward, optimizer, batch), warmup, iters)
 
 
+def parse_inductor_settings(settings: list[str], parser: argparse.ArgumentParser) -> dict[str, object]:
+    """Apply ``KEY=VALUE`` pairs (VALUE a Python literal) to ``torch._inductor.config``; returns them."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    applied = {}
+    for setting in settings:
+        key, sep, raw = setting.partition("=")
+        if not sep or not hasattr(inductor_config, key.split(".")[0]):
+            parser.error(f"--inductor: expected KEY=VALUE with KEY a torch._inductor.config setting, got {setting!r}.")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            parser.error(f"--inductor: the value of {key} must be a Python literal (True, 1, 'x'), got {raw!r}.")
+        *parents, leaf = key.split(".")
+        target = inductor_config
+        for part in parents:
+            target = getattr(target, part)
+        setattr(target, leaf, value)
+        applied[key] = value
+    return applied
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -137,8 +161,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--compile_mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    parser.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="torch._inductor.config settings for the compiled modes, e.g. cpp_wrapper=True "
+                             "combo_kernels=True (recorded in each row's mode)")
     parser.add_argument("--rows", help="also append each row to this JSON-lines file as soon as it is measured")
     args = parser.parse_args(argv)
+    inductor_settings = parse_inductor_settings(args.inductor, parser)
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
     for name in args.models:
@@ -150,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
                 os.environ[TRITON_SWITCH] = "0" if mode == "eager-reference" else "1"
                 ms, iqr, peak = time_steps(model, batch, mode == "compiled", args.warmup, args.iters, args.compile_mode)
                 label = mode if mode.startswith("eager") else f"compiled:{args.compile_mode or 'default'}"
+                if mode == "compiled" and args.inductor:
+                    label += "+" + "+".join(args.inductor)
                 rows.append(dict(model=name, mode=label, variant=variant, batch=batch_size, step_ms=round(ms, 3),
                                  step_ms_iqr=round(iqr, 3), peak_gib=round(peak, 3), wall_s=round(time.time() - t0, 1)))
                 print(json.dumps(rows[-1]), flush=True)
@@ -162,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         fp = next(r for r in rows if r["model"] == row["model"] and r["mode"] == row["mode"] and r["variant"] == "fp")
         row["time_vs_fp"] = round(row["step_ms"] / fp["step_ms"], 3)
         row["memory_vs_fp"] = round(row["peak_gib"] / fp["peak_gib"], 3)
-    result = dict(provenance(), rows=rows)
+    result = dict(provenance(), inductor=inductor_settings, rows=rows)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"{'model':10} {'mode':24} {'variant':11} {'ms':>8} {'x FP':>6} {'GiB':>6} {'mem x':>6}")

@@ -10,7 +10,8 @@ every optimizer step, and has 10 % of every weight matrix frozen (so the frozen 
 All variants are built first, then timed in many short interleaved rounds: each round runs ``--iters`` steps of
 every variant back to back, as the Trainer does (no host sync between steps, so GPU work can overlap the next
 step's launches), and the overhead is the median over rounds of variant / plain time. Short rounds keep the
-host's drift (eager steps are host-bound, and this host's speed wanders by ±30 % within seconds) out of the ratio;
+host's drift (eager steps are host-bound, and this host's speed wanders by ±30 % within seconds) out of the ratio,
+and ``overhead_ci95`` is a distribution-free 95 % confidence interval of that median (many rounds narrow it);
 ``host_overhead`` is the same ratio of this thread's CPU time, which waiting for a busy host's CPUs leaves out.
 
     python bench_training_features.py --bits 2 --out results/training_features_eager_h100.json
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 
@@ -86,6 +88,14 @@ def back_to_back(step, iters: int) -> tuple[float, float]:
     return 1000 * (time.perf_counter() - start) / iters, 1000 * cpu / iters
 
 
+def median_ci(values: list[float], z: float = 1.96) -> tuple[float, float]:
+    """Distribution-free ~95 % confidence interval of the median: the order statistics of ranks ``j`` and
+    ``n + 1 − j`` (1-based), ``j = ⌊n/2 − z·√n/2⌋``, which hold the median with binomial probability ≥ 95 %."""
+    ordered, n = sorted(values), len(values)
+    j = max(1, math.floor(n / 2 - z * math.sqrt(n) / 2))
+    return ordered[j - 1], ordered[n - j]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -124,10 +134,12 @@ def main() -> None:
                              features="+".join(features), base_ms=round(statistics.median(times[()]), 3),
                              ms=round(statistics.median(times[features]), 3),
                              overhead=round(statistics.median(ratios) - 1, 4),
+                             overhead_ci95=[round(r - 1, 4) for r in median_ci(ratios)],
                              overhead_per_round=[round(r - 1, 4) for r in ratios],
                              base_host_ms=round(statistics.median(host[()]), 3),
                              host_ms=round(statistics.median(host[features]), 3),
                              host_overhead=round(statistics.median(host_ratios) - 1, 4),
+                             host_overhead_ci95=[round(r - 1, 4) for r in median_ci(host_ratios)],
                              host_overhead_per_round=[round(r - 1, 4) for r in host_ratios],
                              base_warmup_s=round(steps[()][1], 1), warmup_s=round(steps[features][1], 1)))
             print(json.dumps(rows[-1]), flush=True)

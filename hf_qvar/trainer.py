@@ -186,7 +186,7 @@ class QVarTrainer(Trainer):
             if self.args.obr_lambda_max > 0:  # otherwise it is just the Trainer's own "loss"
                 self._record("loss_task", loss)
         if self.args.obr_lambda_max > 0 and not self._obr_by_gradient():
-            lam = self._record_obr_lambda(loss.device)
+            lam = self._record_obr_lambda()
             if lam > 0:  # λ = 0 costs nothing: the regulariser is not even built.
                 dampening, bin_variance = obr_terms(self.accelerator.unwrap_model(model), self.args.obr_reduction,
                                                     self.args.obr_max_bits)
@@ -199,7 +199,7 @@ class QVarTrainer(Trainer):
         (`OBRGradient`; the returned loss includes ``λ·L_OBR`` as if it had been part of the loss)."""
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.args.obr_lambda_max > 0 and self._obr_by_gradient() and self.accelerator.sync_gradients:
-            lam = self._record_obr_lambda(loss.device)
+            lam = self._record_obr_lambda()
             if lam > 0:
                 unwrapped = self.accelerator.unwrap_model(model)
                 if self._obr_gradient is None or self._obr_gradient.model is not unwrapped:  # e.g. `model_init`
@@ -212,9 +212,10 @@ class QVarTrainer(Trainer):
         otherwise (fp16 loss scaling, FSDP, DeepSpeed) ``λ·L_OBR`` joins every micro-batch's loss."""
         return self.accelerator.scaler is None and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
 
-    def _record_obr_lambda(self, device: torch.device) -> float:
+    def _record_obr_lambda(self) -> float:
         lam = self.current_obr_lambda()
-        self._record("obr_lambda", torch.tensor(lam, device=device))
+        # A host tensor: a device tensor made from a Python float is a blocking copy, a host sync every step.
+        self._record("obr_lambda", torch.tensor(lam))
         return lam
 
     def _record_obr(self, dampening: torch.Tensor, bin_variance: torch.Tensor) -> torch.Tensor:

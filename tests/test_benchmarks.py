@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import os
 import sys
 
@@ -74,3 +75,16 @@ def test_trainer_state_is_kept_with_the_run_provenance(tmp_path):
     assert {k: kept[k] for k in run_suite.PROVENANCE} == {k: record[k] for k in run_suite.PROVENANCE}
     assert kept["run_record"] == "text-w1a1-full-s1.json"
     assert kept["log_history"] == [{"step": 5, "oscillation_pct": 1.5}]
+
+
+def test_median_confidence_interval_covers_the_median_with_95_percent_probability():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the script imports its sibling bench_train_step
+    median_ci = _load("bench_training_features").median_ci
+    for n in (20, 31, 100, 150):
+        values = [float(v) for v in range(n)]
+        low, high = median_ci(values[::-1])
+        j = int(low) + 1  # rank (1-based) of the lower bound; the upper one is symmetric
+        assert high == n - j
+        below = sum(math.comb(n, k) for k in range(j)) / 2**n  # P(fewer than j of n rounds fall below the median)
+        assert 0.95 <= 1 - 2 * below < 0.99, n
+    assert median_ci([1.0, 2.0, 3.0]) == (1.0, 3.0)

@@ -141,3 +141,19 @@ def test_trainer_replays_graphs_and_matches_direct_launches(tmp_path, monkeypatc
     logged = [h["loss_obr"] for h in replayed.state.log_history if "loss_obr" in h]
     assert logged == pytest.approx([h["loss_obr"] for h in direct.state.log_history if "loss_obr" in h], rel=1e-4)
     assert replayed.tracker.stats()["frozen_pct"] > 0
+
+
+def test_per_step_training_features_never_sync_with_the_host(tmp_path, monkeypatch):
+    """After the capture, what QVarTrainer adds to a step (λ's log entry, OBR's gradient, tracking and freezing)
+    queues GPU work only: a host sync would stall the host-bound eager step until the GPU drains."""
+    trainer = _trainer_on_gpu(tmp_path, "1", monkeypatch)
+    for param in trainer.model.parameters():
+        param.grad = torch.zeros_like(param)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        lam = trainer._record_obr_lambda()
+        trainer._obr_gradient.accumulate(lam)
+        trainer.tracker.update()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert lam > 0 and trainer._obr_gradient._step._graph is not None and trainer.tracker._step._graph is not None
