@@ -48,7 +48,7 @@ FEATURES = ("obr", "tracking", "freezing")
 OPTIONAL_FEATURES = ("obr-loss",)
 
 
-def make_step(features: tuple[str, ...], bits: int, mode: str, warmup: int):
+def make_step(features: tuple[str, ...], bits: int, mode: str, warmup: int, compile_mode: str | None = None):
     """A training-step closure with the given subset of `FEATURES` switched on (``()`` = the plain QAT step),
     already warmed up, and the wall time (s) of that warm-up."""
     model, batch_size = build("bert-base", f"w{bits}a{bits}", "cuda")
@@ -64,7 +64,7 @@ def make_step(features: tuple[str, ...], bits: int, mode: str, warmup: int):
         tracker.initialize()
     extra_loss = (lambda: 0.01 * obr_loss(model)) if "obr-loss" in features else None
     obr = OBRGradient(model) if "obr" in features else None
-    forward = torch.compile(model) if mode == "compiled" else model
+    forward = torch.compile(model, mode=compile_mode) if mode == "compiled" else model
     step = training_step(forward, optimizer, batch, extra_loss=extra_loss,
                          after_backward=(lambda: obr.accumulate(0.01)) if obr is not None else None,
                          after_step=tracker.update if tracker is not None else None)
@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 1])
     parser.add_argument("--mode", choices=["eager", "compiled"], default="eager")
+    parser.add_argument("--compile_mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     parser.add_argument("--variants", nargs="+", default=None,
                         help="feature sets such as obr or obr+tracking+freezing (default: each alone, then all)")
     parser.add_argument("--warmup", type=int, default=5)
@@ -116,9 +117,9 @@ def main() -> None:
             parser.error(f"--variants: unknown features {sorted(unknown)}; expected some of "
                          f"{FEATURES + OPTIONAL_FEATURES} joined by '+'.")
     for bits in args.bits:
-        steps = {(): make_step((), bits, args.mode, args.warmup)}
+        steps = {(): make_step((), bits, args.mode, args.warmup, args.compile_mode)}
         for features in variants:
-            steps[features] = make_step(features, bits, args.mode, args.warmup)
+            steps[features] = make_step(features, bits, args.mode, args.warmup, args.compile_mode)
         times = {features: [] for features in steps}
         host = {features: [] for features in steps}
         for round_ in range(args.rounds):
@@ -127,10 +128,13 @@ def main() -> None:
                 wall, cpu = back_to_back(step, args.iters)
                 times[features].append(wall)
                 host[features].append(cpu)
+            print(json.dumps(dict(bits=bits, round=round_, wall_ms={"+".join(f) or "plain": round(t[-1], 3)
+                                                                    for f, t in times.items()})), flush=True)
         for features in variants:
             ratios = [t / b for t, b in zip(times[features], times[()])]
             host_ratios = [t / b for t, b in zip(host[features], host[()])]
-            rows.append(dict(model="bert-base", batch=32, seq=128, bits=bits, mode=args.mode,
+            rows.append(dict(model="bert-base", batch=32, seq=128, bits=bits,
+                             mode=args.mode if args.mode == "eager" else f"compiled:{args.compile_mode or 'default'}",
                              features="+".join(features), base_ms=round(statistics.median(times[()]), 3),
                              ms=round(statistics.median(times[features]), 3),
                              overhead=round(statistics.median(ratios) - 1, 4),
