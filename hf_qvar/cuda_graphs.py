@@ -13,6 +13,7 @@ capture, tensors on several devices, ``HF_QVAR_CUDA_GRAPHS=0``) the function sim
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -20,6 +21,7 @@ from typing import Generic, TypeVar
 import torch
 
 T = TypeVar("T")
+_requires_grad = operator.attrgetter("requires_grad")
 
 #: Set to ``0`` to launch the kernels from Python every step (debugging, profiling).
 ENV_SWITCH = "HF_QVAR_CUDA_GRAPHS"
@@ -41,20 +43,21 @@ class GraphedStep(Generic[T]):
 
     def __init__(self, fn: Callable[[], T], tensors: Callable[[], list[torch.Tensor]]):
         self.fn, self.tensors = fn, tensors
-        self._key: tuple[tuple[int, bool], ...] | None = None
+        self._key: tuple | None = None  # data pointers and requires_grad flags of the touched tensors
         self._graph: torch.cuda.CUDAGraph | None = None
         self._outputs: T | None = None
         self._storages: list[torch.UntypedStorage] = []
         self._direct_calls = 0
+        self._device: int | None = None
 
     def __call__(self) -> T:
         tensors = self.tensors()
-        if not self._can_capture(tensors):
-            return self.fn()
-        key = tuple((t.data_ptr(), t.requires_grad) for t in tensors)
+        key = (*map(torch.Tensor.data_ptr, tensors), *map(_requires_grad, tensors))  # C-level loops: µs, not ms
         if key != self._key:  # new tensors (or a change of what autograd differentiates): capture again
             self.reset()
-            self._key = key
+            self._key, self._device = key, self._capture_device(tensors)
+        if not self._may_capture():
+            return self.fn()
         if self._graph is None:
             if self._direct_calls < WARMUP_CALLS:
                 self._direct_calls += 1
@@ -67,15 +70,21 @@ class GraphedStep(Generic[T]):
         """Forget the graph: the next calls warm up and capture again (for owners that replace tensors which
         ``tensors()`` leaves out)."""
         self._key, self._graph, self._outputs, self._storages, self._direct_calls = None, None, None, [], 0
+        self._device = None
 
     @staticmethod
-    def _can_capture(tensors: list[torch.Tensor]) -> bool:
-        if not (graphs_enabled() and tensors and all(t.is_cuda for t in tensors)):
-            return False
-        if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-            return False
+    def _capture_device(tensors: list[torch.Tensor]) -> int | None:
+        """The GPU index of ``tensors`` if they all live on one GPU (checked once per set of tensors), else None."""
+        if not (tensors and all(t.is_cuda for t in tensors)):
+            return None
         device = tensors[0].device
-        return device == torch.device("cuda", torch.cuda.current_device()) and all(t.device == device for t in tensors)
+        return device.index if all(t.device == device for t in tensors) else None
+
+    def _may_capture(self) -> bool:
+        """Per call: one GPU, the current one, outside ``torch.compile`` tracing and outer captures, not switched off."""
+        if self._device is None or not graphs_enabled() or torch.compiler.is_compiling():
+            return False
+        return torch.cuda.current_device() == self._device and not torch.cuda.is_current_stream_capturing()
 
     def _capture(self, tensors: list[torch.Tensor]) -> None:
         graph = torch.cuda.CUDAGraph()

@@ -22,7 +22,7 @@ from torch import nn
 
 from .compile_utils import cuda_compiled
 from .cuda_graphs import GraphedStep
-from .nn.qlinear import QuantizedLayerMixin
+from .nn.qlinear import QuantizedLayerMixin, latent_tensor_reader
 from .quantizers import functional as F
 from .quantizers.fake_quantizer import BinaryWeightQuantizer
 
@@ -239,15 +239,8 @@ class OBRGradient:
     def __init__(self, model: nn.Module, reduction: str = "mean", max_bits: int = 8):
         self.layers = _checked_obr_layers(model, reduction, max_bits)
         self.model, self.reduction = model, reduction
-        self._step = GraphedStep(self._terms_and_gradients, self._touched_tensors)
-
-    def _touched_tensors(self) -> list[torch.Tensor]:
-        """Weights, step sizes and frozen masks (what `_terms_and_gradients` reads)."""
-        tensors = []
-        for layer in self.layers:
-            q = layer.weight_quantizer
-            tensors += [t for t in (layer.weight, getattr(q, "step_size", None), q.frozen_mask) if t is not None]
-        return tensors
+        # It reads the weights, step sizes and frozen masks.
+        self._step = GraphedStep(self._terms_and_gradients, latent_tensor_reader(self.layers, frozen_masks=True))
 
     def _terms_and_gradients(self) -> tuple[torch.Tensor, torch.Tensor, list[nn.Parameter], list[torch.Tensor]]:
         """Both terms, and the gradient of their sum for every weight and step size that requires one.
@@ -282,13 +275,15 @@ class OBRGradient:
         """``p.grad += λ·∂L_OBR/∂p`` for every parameter the loss reaches; returns ``(term1, term2)`` as
         `obr_terms` (detached copies)."""
         dampening, bin_variance, params, grads = self._step()
-        targets, updates = [], []
-        for param, grad in zip(params, grads):
-            if param.grad is None:
-                param.grad = grad * lam
-            else:
-                targets.append(param.grad)
-                updates.append(grad)
+        targets, updates = [param.grad for param in params], grads
+        if any(grad is None for grad in targets):  # a parameter the training loss did not reach (rare)
+            targets, updates = [], []
+            for param, grad in zip(params, grads):
+                if param.grad is None:
+                    param.grad = grad * lam
+                else:
+                    targets.append(param.grad)
+                    updates.append(grad)
         if targets:
             torch._foreach_add_(targets, updates, alpha=lam)
         return dampening.clone(), bin_variance.clone()

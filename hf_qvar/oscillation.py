@@ -31,7 +31,7 @@ from torch import nn
 
 from .compile_utils import cuda_compiled
 from .cuda_graphs import GraphedStep
-from .nn.qlinear import QuantizedLayerMixin
+from .nn.qlinear import QuantizedLayerMixin, latent_tensor_reader
 from .quantizers.fake_quantizer import BinaryWeightQuantizer
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,9 @@ class OscillationTracker:
             raise ValueError(f"{type(model).__name__} has no quantized layer to track.")
         self.momentum, self.threshold, self.freeze_threshold = momentum, threshold, freeze_threshold
         self.state: dict[str, dict[str, torch.Tensor]] = {}
-        self._step = GraphedStep(self._advance, self._touched_tensors)
+        # The state tensors (frozen masks and codes included) change only in `initialize` and `load`, which
+        # reset the graph; what may move under it are the weights and step sizes.
+        self._step = GraphedStep(self._advance, latent_tensor_reader(list(self.layers.values())))
 
     @property
     def initialized(self) -> bool:
@@ -156,15 +158,6 @@ class OscillationTracker:
 
     def _advance(self) -> None:
         advance(list(self.layers.values()), list(self.state.values()), self.momentum, self.freeze_threshold)
-
-    def _touched_tensors(self) -> list[torch.Tensor]:
-        """The tensors `_advance` reads that may move under it: weights and step sizes. The state tensors (the
-        frozen masks and codes included) change only in `initialize` and `load`, which reset the graph."""
-        tensors = []
-        for layer in self.layers.values():
-            step_size = getattr(layer.weight_quantizer, "step_size", None)  # BWN: none
-            tensors += [layer.weight] if step_size is None else [layer.weight, step_size]
-        return tensors
 
     def _attach_frozen(self, layer: QuantizedLayerMixin, s: dict[str, torch.Tensor]) -> None:
         """Point the quantizer at the state's frozen mask and codes (kept in sync in place from now on)."""

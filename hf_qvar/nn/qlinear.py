@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -102,6 +104,24 @@ class QConv2d(QuantizedLayerMixin, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._quantized_forward(x, lambda inp, w: self._conv_forward(inp, w, self.bias))
+
+
+def latent_tensor_reader(layers: list[QuantizedLayerMixin], frozen_masks: bool = False
+                         ) -> Callable[[], list[torch.Tensor]]:
+    """A function listing the layers' current weights and step sizes (and frozen masks): what OBR's and the
+    tracker's CUDA graphs touch, checked before every replay. It reads parameter dicts directly, because
+    ``nn.Module`` attribute access costs ~0.6 µs per tensor, ~0.5 ms per BERT-base step. Weight quantizer modules
+    are taken as they are now; the weight and step-size Parameters are looked up on every call."""
+    sources = [(layer._parameters, layer.weight_quantizer) for layer in layers]
+
+    def read() -> list[torch.Tensor]:
+        tensors = [params["weight"] for params, _ in sources]
+        tensors += [q._parameters["step_size"] for _, q in sources if "step_size" in q._parameters]
+        if frozen_masks:
+            tensors += [q.frozen_mask for _, q in sources if q.frozen_mask is not None]
+        return tensors
+
+    return read
 
 
 QUANTIZABLE = ((nn.Linear, QLinear, QLinear.from_linear), (nn.Conv2d, QConv2d, QConv2d.from_conv))
