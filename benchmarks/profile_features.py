@@ -1,7 +1,8 @@
 """Per-call wall time, CUDA kernel time and kernel count of issue 3's features on BERT-base, first (compiling)
 call apart: one oscillation-tracking step, OBR's gradient added after backward (`OBRGradient`, the trainer's
 path), and OBR inside the loss (forward + backward of `obr_terms`, the fp16/FSDP/DeepSpeed path). Each with CUDA
-graphs off and on (``HF_QVAR_CUDA_GRAPHS``), so launch cost and GPU work show apart.
+graphs off and on (``HF_QVAR_CUDA_GRAPHS``), so launch cost and GPU work show apart; ``host_ms_per_call`` is this
+thread's CPU time per call. ``--steps`` adds whole training steps without and with frozen masks.
 
     python benchmarks/profile_features.py --bits 2 --json results/profile_features_h100.json
 """
@@ -17,6 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench_train_step import build, calibrate, make_batch, provenance
+from bench_training_features import make_step
 from hf_qvar import cuda_graphs
 from hf_qvar.obr import OBRGradient, obr_terms
 from hf_qvar.oscillation import OscillationTracker
@@ -41,14 +43,15 @@ def profile_call(name: str, fn, iters: int) -> dict:
     for _ in range(cuda_graphs.WARMUP_CALLS + 1):  # past the warm-up calls and the capture
         fn()
     torch.cuda.synchronize()
-    start = time.time()
+    start, start_cpu = time.time(), time.thread_time()
     for _ in range(iters):
         fn()
+    host = time.thread_time() - start_cpu
     torch.cuda.synchronize()
     kernels, gpu_ms, costliest = cuda_kernels(fn)
     row = dict(feature=name, cuda_graphs=cuda_graphs.graphs_enabled(), first_call_s=round(first, 1),
-               ms_per_call=round(1000 * (time.time() - start) / iters, 3), gpu_ms_per_call=round(gpu_ms, 3),
-               kernels_per_call=kernels, costliest_kernels_ms=costliest)
+               ms_per_call=round(1000 * (time.time() - start) / iters, 3), host_ms_per_call=round(1000 * host / iters, 3),
+               gpu_ms_per_call=round(gpu_ms, 3), kernels_per_call=kernels, costliest_kernels_ms=costliest)
     print(json.dumps(row), flush=True)
     return row
 
@@ -57,6 +60,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--steps", nargs="*", default=[], choices=["eager", "compiled"],
+                        help="also profile whole training steps in these modes, without and with 10%% of weights frozen")
     parser.add_argument("--json", help="write the rows, with provenance, to this file")
     args = parser.parse_args()
     rows = []
@@ -75,6 +80,12 @@ def main() -> None:
             rows.append(profile_call("obr-loss", lambda: sum(obr_terms(model)).backward(), args.iters))
         del model, tracker, obr
         torch.cuda.empty_cache()
+    for mode in args.steps:  # what frozen masks cost the forward and backward (graphs on)
+        for features in ((), ("freezing",)):
+            step, _ = make_step(features, args.bits, mode, warmup=1)
+            rows.append(profile_call(f"{mode} step" + "".join(f" + {f}" for f in features), step, args.iters))
+            del step
+            torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(provenance(), bits=args.bits, batch=batch_size, rows=rows), f, indent=1)
