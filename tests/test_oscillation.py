@@ -146,3 +146,21 @@ def test_compiled_tracking_matches_eager():
         for field, value in state.items():
             torch.testing.assert_close(final[1][name][field], value, msg=f"{name}.{field}")
     assert any(s["frozen_mask"].any() for s in final[0].values())
+
+
+def test_latent_tensor_reader_sees_replaced_parameters_and_new_frozen_masks():
+    """What the CUDA graphs of tracking and OBR are keyed on: the current weight, step size and frozen mask
+    objects, looked up on every call (a checkpoint loader may swap Parameters)."""
+    from hf_qvar.nn.qlinear import latent_tensor_reader
+
+    layer = _Model([0.0, 1.0]).layer
+    read = latent_tensor_reader([layer], frozen_masks=True)
+    assert [t is s for t, s in zip(read(), (layer.weight, layer.weight_quantizer.step_size))] == [True, True]
+    assert len(read()) == 2  # no frozen mask yet
+    layer.weight = torch.nn.Parameter(torch.ones(1, 2))
+    layer.weight_quantizer.step_size = torch.nn.Parameter(torch.full((1,), 0.5))
+    layer.weight_quantizer.frozen_mask = torch.zeros(1, 2, dtype=torch.bool)
+    weight, step, mask = read()
+    assert weight is layer.weight and step is layer.weight_quantizer.step_size
+    assert mask is layer.weight_quantizer.frozen_mask
+    assert len(latent_tensor_reader([layer])()) == 2  # frozen masks only when asked for
