@@ -18,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench_train_step import build, calibrate, make_batch, provenance
-from bench_training_features import make_step
+from bench_training_features import back_to_back, make_step
 from hf_qvar import cuda_graphs
 from hf_qvar.obr import OBRGradient, obr_terms
 from hf_qvar.oscillation import OscillationTracker
@@ -42,15 +42,10 @@ def profile_call(name: str, fn, iters: int) -> dict:
     first = time.time() - start
     for _ in range(cuda_graphs.WARMUP_CALLS + 1):  # past the warm-up calls and the capture
         fn()
-    torch.cuda.synchronize()
-    start, start_cpu = time.time(), time.thread_time()
-    for _ in range(iters):
-        fn()
-    host = time.thread_time() - start_cpu
-    torch.cuda.synchronize()
+    wall_ms, host_ms = back_to_back(fn, iters)
     kernels, gpu_ms, costliest = cuda_kernels(fn)
     row = dict(feature=name, cuda_graphs=cuda_graphs.graphs_enabled(), first_call_s=round(first, 1),
-               ms_per_call=round(1000 * (time.time() - start) / iters, 3), host_ms_per_call=round(1000 * host / iters, 3),
+               ms_per_call=round(wall_ms, 3), host_ms_per_call=round(host_ms, 3),
                gpu_ms_per_call=round(gpu_ms, 3), kernels_per_call=kernels, costliest_kernels_ms=costliest)
     print(json.dumps(row), flush=True)
     return row
