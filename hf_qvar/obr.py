@@ -48,10 +48,9 @@ def _one_hot_moments(values: torch.Tensor, bins: torch.Tensor, num_bins: int) ->
     """Per-bin (count, Σx, Σx²) of ``(G, n)`` rows from masked row reductions, one per bin and moment: no
     scatter atomics, and compiled (the GPU path) they fuse into one pass over the rows per `_LEVELS_PER_PASS`
     bins (a ``(G, n, bins)`` one-hot tensor made Inductor re-read the rows once per bin)."""
-    moments = []
+    moments, squares = [], values * values
     for first in range(0, num_bins, _LEVELS_PER_PASS):
         members = [bins == level for level in range(first, min(first + _LEVELS_PER_PASS, num_bins))]
-        squares = values * values
         moments.append(tuple(torch.stack(per_bin, dim=1) for per_bin in (
             [m.sum(dim=1).to(values.dtype) for m in members],
             [torch.where(m, values, 0).sum(dim=1) for m in members],
