@@ -96,6 +96,14 @@ def median_ci(values: list[float], z: float = 1.96) -> tuple[float, float]:
     return ordered[j - 1], ordered[n - j]
 
 
+def overhead_stats(name: str, times: list[float], base: list[float]) -> dict:
+    """``name``: the median over rounds of ``times / base − 1``, with its 95 % CI and every round's value."""
+    ratios = [t / b for t, b in zip(times, base)]
+    return {name: round(statistics.median(ratios) - 1, 4),
+            f"{name}_ci95": [round(r - 1, 4) for r in median_ci(ratios)],
+            f"{name}_per_round": [round(r - 1, 4) for r in ratios]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -131,20 +139,14 @@ def main() -> None:
             print(json.dumps(dict(bits=bits, round=round_, wall_ms={"+".join(f) or "plain": round(t[-1], 3)
                                                                     for f, t in times.items()})), flush=True)
         for features in variants:
-            ratios = [t / b for t, b in zip(times[features], times[()])]
-            host_ratios = [t / b for t, b in zip(host[features], host[()])]
             rows.append(dict(model="bert-base", batch=32, seq=128, bits=bits,
                              mode=args.mode if args.mode == "eager" else f"compiled:{args.compile_mode or 'default'}",
                              features="+".join(features), base_ms=round(statistics.median(times[()]), 3),
                              ms=round(statistics.median(times[features]), 3),
-                             overhead=round(statistics.median(ratios) - 1, 4),
-                             overhead_ci95=[round(r - 1, 4) for r in median_ci(ratios)],
-                             overhead_per_round=[round(r - 1, 4) for r in ratios],
+                             **overhead_stats("overhead", times[features], times[()]),
                              base_host_ms=round(statistics.median(host[()]), 3),
                              host_ms=round(statistics.median(host[features]), 3),
-                             host_overhead=round(statistics.median(host_ratios) - 1, 4),
-                             host_overhead_ci95=[round(r - 1, 4) for r in median_ci(host_ratios)],
-                             host_overhead_per_round=[round(r - 1, 4) for r in host_ratios],
+                             **overhead_stats("host_overhead", host[features], host[()]),
                              base_warmup_s=round(steps[()][1], 1), warmup_s=round(steps[features][1], 1)))
             print(json.dumps(rows[-1]), flush=True)
         del steps
