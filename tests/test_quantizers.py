@@ -127,14 +127,34 @@ def test_mse_init_matches_scalar_fixed_point(bits):
         assert err(step) <= err(row.abs().max() / qp)
 
 
-def test_weight_quantizer_l1_and_lsq_gradient_scales():
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel", "per_head"])
+@pytest.mark.parametrize("mode", ["l1", "lsq"])
+def test_weight_step_gradient_carries_the_l1_or_lsq_scale_of_its_group(mode, granularity):
+    """The step gradient that reaches each group (the L1 scale is computed in the backward) against a loop over
+    the groups: ``Σ grad·dŵ/dα`` over the group's weights, times ``1/sqrt(‖W_g‖₁·Qp)`` or ``1/sqrt(N_g·Qp)``."""
     torch.manual_seed(0)
-    w = torch.randn(8, 16) * 0.05
-    for mode, size in (("l1", w.abs().sum()), ("lsq", torch.tensor(float(w.numel())))):
-        quantizer = LSQWeightQuantizer(2, gradient_scale=mode, channels=8)
-        quantizer.initialize(w)
-        expected = 1 / torch.sqrt(size * quantizer.qp)
-        torch.testing.assert_close(quantizer.grad_scale(w).flatten()[0], expected)
+    w, grad = torch.randn(8, 16) * 0.05, torch.randn(8, 16)
+    quantizer = LSQWeightQuantizer(2, gradient_scale=mode, granularity=granularity, channels=8, num_heads=2)
+    quantizer.initialize(w)
+    quantizer(w).backward(grad)
+    rows_per_group = 8 // quantizer.num_groups
+    for g, alpha in enumerate(quantizer.step_size.detach()):
+        rows, sub = w[g * rows_per_group:(g + 1) * rows_per_group], grad[g * rows_per_group:(g + 1) * rows_per_group]
+        v = rows / alpha
+        q = torch.clamp(torch.round(v), quantizer.qn, quantizer.qp)
+        d_step = torch.where((v >= quantizer.qn) & (v <= quantizer.qp), q - v, q)
+        size = rows.abs().sum() if mode == "l1" else rows.numel()
+        expected = (sub * d_step).sum() / math.sqrt(size * quantizer.qp)
+        torch.testing.assert_close(quantizer.step_size.grad[g], expected)
+        scale = torch.as_tensor(quantizer.grad_scale(w)).expand(8, 1)  # what OBR scales its step gradient by
+        torch.testing.assert_close(scale[g * rows_per_group, 0].float(), 1 / torch.sqrt(torch.tensor(float(size * quantizer.qp))))
+
+
+def test_lsq_fake_quantize_takes_one_gradient_scale():
+    x, step = torch.randn(4, 4), torch.ones(1, 1)
+    for grad_scale, l1_group_size in ((None, 0), (0.5, 1)):
+        with pytest.raises(ValueError, match="exactly one of `grad_scale`"):
+            F.lsq_fake_quantize(x, step, grad_scale, -2, 1, l1_group_size=l1_group_size)
 
 
 def test_weight_quantizer_per_head_groups_rows_by_head():

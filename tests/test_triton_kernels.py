@@ -14,6 +14,10 @@ pytestmark = pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton (CP
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+#: Weight cases whose step gradient takes the L1 scale of `functional.l1_grad_scale` (value: its group size).
+L1_GROUP_SIZES = {"weight_tensor_l1": 1, "weight_head_l1": 6, "weight_frozen": 1, "conv_weight": 1}
+
+
 def _case(name: str, dtype=torch.float32):
     """(x, step, offset, qn, qp, binary, frozen) for a quantization site layout; x includes exact .5 ties and
     values far outside the grid."""
@@ -22,6 +26,7 @@ def _case(name: str, dtype=torch.float32):
               "act_tensor": ((3, 5, 40), (1, 1, 1)), "act_channel": ((3, 5, 40), (1, 1, 40)),
               "act_offset": ((3, 5, 40), (1, 1, 1)), "binary_tensor": ((3, 5, 40), (1, 1, 1)),
               "binary_channel": ((6, 40), (1, 40)), "weight_frozen": ((24, 40), (24, 1)),
+              "weight_tensor_l1": ((24, 40), (1, 1)), "weight_head_l1": ((24, 40), (24, 1)),
               "conv_weight": ((8, 3, 4, 4), (8, 1, 1, 1))}
     x_shape, step_shape = shapes[name]
     step = torch.rand(step_shape, generator=g) * 0.2 + 0.05
@@ -37,20 +42,27 @@ def _case(name: str, dtype=torch.float32):
     return x, step, offset, qn, qp, name.startswith("binary"), frozen
 
 
-def _through_autograd(x, step, offset, qn, qp, binary, frozen, grad_out):
+def _scales(name: str) -> tuple[float | None, int]:
+    """(grad_scale, l1_group_size) of a case: a fixed scale of 0.5, or the L1 scale."""
+    return (None, L1_GROUP_SIZES[name]) if name in L1_GROUP_SIZES else (0.5, 0)
+
+
+def _through_autograd(x, step, offset, qn, qp, binary, frozen, grad_out, name):
     """Forward value and gradients of `functional`'s autograd functions (the reference for CPU tensors)."""
     x, step = x.clone().requires_grad_(), step.clone().requires_grad_()
     offset = offset.clone().requires_grad_() if offset is not None else None
     if binary:
         out = F.signed_binarize(x, step, 0.5)
     else:
-        out = F.lsq_fake_quantize(x, step, 0.5, qn, qp, offset, *(frozen or (None, None)))
+        grad_scale, l1_group_size = _scales(name)
+        out = F.lsq_fake_quantize(x, step, grad_scale, qn, qp, offset, *(frozen or (None, None)),
+                                  l1_group_size=l1_group_size)
     out.backward(grad_out)
     return out.detach(), x.grad, step.grad, offset.grad if offset is not None else None
 
 
 CASES = ["weight_tensor", "weight_channel", "act_tensor", "act_channel", "act_offset", "binary_tensor",
-         "binary_channel", "weight_frozen", "conv_weight"]
+         "binary_channel", "weight_frozen", "conv_weight", "weight_tensor_l1", "weight_head_l1"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -58,13 +70,15 @@ CASES = ["weight_tensor", "weight_channel", "act_tensor", "act_channel", "act_of
 def test_kernels_match_reference(name, dtype):
     x, step, offset, qn, qp, binary, frozen = _case(name, dtype)
     grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
-    expected = _through_autograd(x, step, offset, qn, qp, binary, frozen, grad_out)
+    expected = _through_autograd(x, step, offset, qn, qp, binary, frozen, grad_out, name)
 
     on = lambda t: t.to(DEVICE) if t is not None else None  # noqa: E731
     mask, codes = (on(frozen[0]), on(frozen[1])) if frozen else (None, None)
     out = kernels.fake_quantize_forward(on(x), on(step), on(offset), qn, qp, mask, codes, binary=binary)
-    grad_x, step_sums, grad_offset = kernels.fake_quantize_backward(
-        on(grad_out), on(x), on(step), on(offset), qn, qp, mask, codes, binary=binary)
+    grad_scale, l1_group_size = _scales(name)
+    grad_x, grad_step, grad_offset = kernels.fake_quantize_backward(
+        on(grad_out), on(x), on(step), on(offset), qn, qp, mask, codes, binary=binary, grad_scale=grad_scale,
+        l1_group_size=l1_group_size)
 
     assert out.dtype == x.dtype
     if DEVICE == "cpu" and dtype != torch.float32:  # the interpreter truncates fp32 -> bf16 casts (GPUs round)
@@ -73,7 +87,7 @@ def test_kernels_match_reference(name, dtype):
         assert torch.equal(out.cpu(), expected[0]), "forward values differ from the reference"
     assert torch.equal(grad_x.cpu(), expected[1]), "x-gradient differs from the reference"
     tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close((step_sums * 0.5).cpu(), expected[2], **tolerance)
+    torch.testing.assert_close(grad_step.cpu(), expected[2], **tolerance)
     if offset is not None:
         torch.testing.assert_close(grad_offset.cpu(), expected[3], **tolerance)
 
@@ -98,9 +112,9 @@ def test_autograd_functions_use_the_kernels_on_gpu(name, monkeypatch):
     frozen = (frozen[0].cuda(), frozen[1].cuda()) if frozen else None
     assert kernels.fused_layout(x, step, offset) is not None
     grad_out = torch.randn_like(x)
-    fused = _through_autograd(x, step, offset, qn, qp, binary, frozen, grad_out)
+    fused = _through_autograd(x, step, offset, qn, qp, binary, frozen, grad_out, name)
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
-    plain = _through_autograd(x, step, offset, qn, qp, binary, frozen, grad_out)
+    plain = _through_autograd(x, step, offset, qn, qp, binary, frozen, grad_out, name)
     assert torch.equal(fused[0], plain[0]) and torch.equal(fused[1], plain[1])
     for got, want in zip(fused[2:], plain[2:]):
         if want is not None:

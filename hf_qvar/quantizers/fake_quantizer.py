@@ -156,20 +156,28 @@ class LSQWeightQuantizer(FakeQuantizer):
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
         return F.integer_codes(weight, self.step(weight), self.qn, self.qp)
 
-    def grad_scale(self, weight: torch.Tensor, lead: int = 0) -> torch.Tensor:
+    @property
+    def l1_group_size(self) -> int:
+        """How many consecutive entries of the expanded step share one L1 norm (a head's channels)."""
+        return self.channels // self.num_heads if self.granularity == "per_head" else 1
+
+    def lsq_grad_scale(self, weight: torch.Tensor, lead: int = 0) -> float:
+        """Classic LSQ's ``1/sqrt(N·Qp)``, ``N`` the weights per group: a number, fixed by the shape."""
+        return 1.0 / math.sqrt(weight[(0,) * lead].numel() / self.num_groups * self.qp)
+
+    def grad_scale(self, weight: torch.Tensor, lead: int = 0) -> torch.Tensor | float:
         """The step-size gradient scale per group, broadcast onto ``weight`` (``lead`` stacked layers first)."""
-        with torch.no_grad():
-            grouped = self.grouped(weight, lead)
-            size = grouped.abs().sum(dim=-1) if self.gradient_scale == "l1" else torch.full_like(
-                grouped[..., 0], grouped.shape[-1]
-            )
-            return self.expand(torch.rsqrt(size.float().clamp_min(1e-12) * self.qp), weight.ndim)
+        if self.gradient_scale == "lsq":
+            return self.lsq_grad_scale(weight, lead)
+        shape = self.expand(self.step_size.expand(*weight.shape[:lead], -1), weight.ndim).shape
+        return F.l1_grad_scale(weight, shape, self.l1_group_size, self.qp)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        step = self.step(weight)
-        grad_scale = self.grad_scale(weight)
-        return F.lsq_fake_quantize(weight, step, grad_scale, self.qn, self.qp,
-                                   frozen_mask=self.frozen_mask, frozen_codes=self.frozen_codes)
+        # The L1 scale is computed in the backward (one fewer pass over the weight in the forward).
+        l1 = self.gradient_scale == "l1"
+        return F.lsq_fake_quantize(weight, self.step(weight), None if l1 else self.lsq_grad_scale(weight), self.qn,
+                                   self.qp, frozen_mask=self.frozen_mask, frozen_codes=self.frozen_codes,
+                                   l1_group_size=self.l1_group_size if l1 else 0)
 
 
 class BinaryWeightQuantizer(FakeQuantizer):

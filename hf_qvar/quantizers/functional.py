@@ -28,24 +28,17 @@ def unsigned_range(bits: int) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-GradScale = torch.Tensor | float
+def l1_grad_scale(x: torch.Tensor, step_shape: torch.Size, group_size: int, qp: int) -> torch.Tensor:
+    """The paper's step-size gradient scale ``1/sqrt(‖x_g‖₁·Qp)`` (method.md §3.2), shaped like the step.
 
-
-def _save(ctx, grad_scale: GradScale, *tensors) -> None:
-    """Save tensors for backward; a float gradient scale rides on ``ctx`` (no host-to-device copy)."""
-    if isinstance(grad_scale, torch.Tensor):
-        ctx.save_for_backward(*tensors, grad_scale)
-        ctx.grad_scale = None
-    else:
-        ctx.save_for_backward(*tensors)
-        ctx.grad_scale = grad_scale
-
-
-def _saved(ctx) -> tuple[tuple, GradScale]:
-    if ctx.grad_scale is None:
-        *tensors, grad_scale = ctx.saved_tensors
-        return tuple(tensors), grad_scale
-    return ctx.saved_tensors, ctx.grad_scale
+    Each step entry's ``x_g`` is every element of ``x`` it quantizes, together with those of the ``group_size − 1``
+    entries that follow it (per-head steps are expanded to one entry per channel: a head's channels share one norm).
+    Leading stacked-layer dimensions are kept apart (OBR stacks alike layers)."""
+    with torch.no_grad():
+        l1 = x.float().abs().sum_to_size(step_shape)
+        if group_size > 1:
+            l1 = l1.reshape(-1, group_size).sum(-1, keepdim=True).expand(-1, group_size).reshape(step_shape)
+        return torch.rsqrt(l1.clamp_min(1e-12) * qp)
 
 
 class _LSQFakeQuantize(torch.autograd.Function):
@@ -58,15 +51,20 @@ class _LSQFakeQuantize(torch.autograd.Function):
     ``step`` and ``offset`` may be any shape that broadcasts against ``x``; their
     gradients are summed back to that shape.
 
+    The α-gradient scale is a number (``grad_scale``) or, with ``l1_group_size > 0``, the paper's
+    `l1_grad_scale` of ``x``: computed here in the backward, from the saved ``x``, so the forward of a weight
+    quantizer is one kernel and the norm's reduction shares the backward's pass over ``x``.
+
     Oscillation freezing (``frozen_mask``/``frozen_codes``): a frozen element outputs
     ``frozen_code·α``, gets no x-gradient and gives α the gradient ``frozen_code`` (scaled
     like the rest), all inside this one function instead of extra autograd ops per layer.
     """
 
     @staticmethod
-    def forward(ctx, x, step, offset, grad_scale, qn: int, qp: int, frozen_mask=None, frozen_codes=None):
-        _save(ctx, grad_scale, x, step, offset, frozen_mask, frozen_codes)
-        ctx.qn, ctx.qp = qn, qp
+    def forward(ctx, x, step, offset, grad_scale: float | None, qn: int, qp: int, frozen_mask=None,
+                frozen_codes=None, l1_group_size: int = 0):
+        ctx.save_for_backward(x, step, offset, frozen_mask, frozen_codes)
+        ctx.qn, ctx.qp, ctx.grad_scale, ctx.l1_group_size = qn, qp, grad_scale, l1_group_size
         ctx.axis = kernels.fused_layout(x, step, offset)
         if ctx.axis is not None:
             return kernels.fake_quantize_forward(x, step, offset, qn, qp, frozen_mask, frozen_codes, axis=ctx.axis)
@@ -81,11 +79,12 @@ class _LSQFakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        (x, step, offset, frozen_mask, frozen_codes), grad_scale = _saved(ctx)
+        x, step, offset, frozen_mask, frozen_codes = ctx.saved_tensors
         if ctx.axis is not None:
-            grad_x, step_sums, grad_offset = kernels.fake_quantize_backward(
-                grad_out, x, step, offset, ctx.qn, ctx.qp, frozen_mask, frozen_codes, axis=ctx.axis)
-            return grad_x, step_sums * grad_scale, grad_offset, None, None, None, None, None
+            grad_x, grad_step, grad_offset = kernels.fake_quantize_backward(
+                grad_out, x, step, offset, ctx.qn, ctx.qp, frozen_mask, frozen_codes, grad_scale=ctx.grad_scale,
+                l1_group_size=ctx.l1_group_size, axis=ctx.axis)
+            return grad_x, grad_step, grad_offset, None, None, None, None, None, None
         shifted = x if offset is None else x - offset
         v = shifted / step
         inside = (v >= ctx.qn) & (v <= ctx.qp)
@@ -96,11 +95,13 @@ class _LSQFakeQuantize(torch.autograd.Function):
             inside = inside & ~frozen_mask
             d_step = torch.where(frozen_mask, frozen_codes.to(d_step.dtype), d_step)
         grad_x = grad_out * inside
+        grad_scale = ctx.grad_scale if not ctx.l1_group_size else l1_grad_scale(x, step.shape, ctx.l1_group_size,
+                                                                                 ctx.qp)
         grad_step = (grad_out * d_step).sum_to_size(step.shape) * grad_scale
         grad_offset = None
         if offset is not None:
             grad_offset = (grad_out * (~inside)).sum_to_size(offset.shape)
-        return grad_x, grad_step, grad_offset, None, None, None, None, None
+        return grad_x, grad_step, grad_offset, None, None, None, None, None, None
 
 
 class _SignedBinarize(torch.autograd.Function):
@@ -111,8 +112,9 @@ class _SignedBinarize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, step, grad_scale):
-        _save(ctx, grad_scale, x, step)
+    def forward(ctx, x, step, grad_scale: float):
+        ctx.save_for_backward(x, step)
+        ctx.grad_scale = grad_scale
         ctx.axis = kernels.fused_layout(x, step)
         if ctx.axis is not None:
             return kernels.fake_quantize_forward(x, step, None, -1, 1, binary=True, axis=ctx.axis)
@@ -121,14 +123,14 @@ class _SignedBinarize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        (x, step), grad_scale = _saved(ctx)
+        x, step = ctx.saved_tensors
         if ctx.axis is not None:
-            grad_x, step_sums, _ = kernels.fake_quantize_backward(grad_out, x, step, None, -1, 1, binary=True,
-                                                                  axis=ctx.axis)
-            return grad_x, step_sums * grad_scale, None
+            grad_x, grad_step, _ = kernels.fake_quantize_backward(grad_out, x, step, None, -1, 1, binary=True,
+                                                                  grad_scale=ctx.grad_scale, axis=ctx.axis)
+            return grad_x, grad_step, None
         sign = torch.where(x >= 0, 1.0, -1.0).to(grad_out.dtype)
         grad_x = grad_out * ((x / step).abs() <= 1)
-        grad_step = (grad_out * sign).sum_to_size(step.shape) * grad_scale
+        grad_step = (grad_out * sign).sum_to_size(step.shape) * ctx.grad_scale
         return grad_x, grad_step, None
 
 
@@ -158,19 +160,26 @@ class _BinaryWeight(torch.autograd.Function):
 def lsq_fake_quantize(
     x: torch.Tensor,
     step: torch.Tensor,
-    grad_scale: GradScale,
+    grad_scale: float | None,
     qn: int,
     qp: int,
     offset: torch.Tensor | None = None,
     frozen_mask: torch.Tensor | None = None,
     frozen_codes: torch.Tensor | None = None,
+    l1_group_size: int = 0,
 ) -> torch.Tensor:
-    """Fake-quantize ``x`` on the grid ``step·[qn..qp] (+ offset)``, frozen elements held at their code;
-    see `_LSQFakeQuantize`."""
-    return _LSQFakeQuantize.apply(x, step, offset, grad_scale, qn, qp, frozen_mask, frozen_codes)
+    """Fake-quantize ``x`` on the grid ``step·[qn..qp] (+ offset)``, frozen elements held at their code; α's
+    gradient scaled by ``grad_scale`` or, when ``l1_group_size > 0`` (``grad_scale`` None), by `l1_grad_scale`.
+    See `_LSQFakeQuantize`."""
+    if (grad_scale is None) == (l1_group_size <= 0):
+        raise ValueError(
+            f"Pass exactly one of `grad_scale` (got {grad_scale!r}) and a positive `l1_group_size` "
+            f"(got {l1_group_size!r})."
+        )
+    return _LSQFakeQuantize.apply(x, step, offset, grad_scale, qn, qp, frozen_mask, frozen_codes, l1_group_size)
 
 
-def signed_binarize(x: torch.Tensor, step: torch.Tensor, grad_scale: GradScale) -> torch.Tensor:
+def signed_binarize(x: torch.Tensor, step: torch.Tensor, grad_scale: float) -> torch.Tensor:
     """``α·sign(x)`` with BiT's elastic gradients; see `_SignedBinarize`."""
     return _SignedBinarize.apply(x, step, grad_scale)
 

@@ -1,5 +1,6 @@
-"""Fused Triton kernels for `functional`'s LSQ fake quantizer and elastic binarizer: one kernel forward, one
-kernel (plus a small sum) backward.
+"""Fused Triton kernels for `functional`'s LSQ fake quantizer and elastic binarizer: one kernel forward, two
+backward (the element-wise pass with partial sums, then one small launch for the step and offset gradients,
+their gradient scale included: for weights the L1 norm of the weight, summed in the same pass).
 
 Why: in eager mode the reference runs ~24 small ops per quantizer per training step, and BERT-base has ~180
 quantizers, so an eager quantized step was bound by kernel launches (3.7× the full-precision step). These
@@ -24,6 +25,8 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 #: Where the step of an element comes from.
 ONE_STEP, STEP_PER_ROW, STEP_PER_COL = 0, 1, 2
+#: Entries of the partial sums one `_finalize_kernel` program reduces at a time.
+_FINALIZE_BLOCK = 1024
 
 if HAS_TRITON:
     import triton
@@ -88,10 +91,10 @@ if HAS_TRITON:
         tl.store(out_ptr + idx, out.to(out_ptr.dtype.element_ty), mask=inb)
 
     @triton.jit
-    def _backward_kernel(grad_ptr, grad_x_ptr, step_sums_ptr, offset_sums_ptr, x_ptr, step_ptr, offset_ptr,
-                         mask_ptr, codes_ptr, rows, cols, qn, qp, STEP_AXIS: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                         HAS_FROZEN: tl.constexpr, BINARY: tl.constexpr, BLOCK_R: tl.constexpr,
-                         BLOCK_C: tl.constexpr):
+    def _backward_kernel(grad_ptr, grad_x_ptr, step_sums_ptr, abs_sums_ptr, offset_sums_ptr, x_ptr, step_ptr,
+                         offset_ptr, mask_ptr, codes_ptr, rows, cols, qn, qp, STEP_AXIS: tl.constexpr,
+                         HAS_OFFSET: tl.constexpr, HAS_FROZEN: tl.constexpr, BINARY: tl.constexpr,
+                         L1_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         pid_r, pid_c = tl.program_id(0), tl.program_id(1)
         r, c, idx, inb = _tile(pid_r, pid_c, rows, cols, BLOCK_R, BLOCK_C)
         _, _, _, inside, d_step = _codes(x_ptr, step_ptr, offset_ptr, mask_ptr, codes_ptr, r, c, idx, inb, rows,
@@ -99,17 +102,67 @@ if HAS_TRITON:
         grad = tl.load(grad_ptr + idx, mask=inb, other=0.0)
         tl.store(grad_x_ptr + idx, tl.where(inside, grad, 0.0).to(grad_x_ptr.dtype.element_ty), mask=inb)
         grad = grad.to(tl.float32)
-        # Partial α-gradient sums, deterministic (no atomics): per column tile and row, or per row tile and column.
+        # Partial sums, deterministic (no atomics), as a (tiles × entries) matrix for `_finalize_kernel`: α-terms
+        # (and |x| for the L1 scale) per column tile and row, per row tile and column, or one per tile.
         step_terms = tl.where(inb, grad * d_step, 0.0)
+        if L1_SCALE:
+            abs_terms = tl.abs(tl.load(x_ptr + idx, mask=inb, other=0.0).to(tl.float32))
         if STEP_AXIS == 2:
             cols_1d = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
             tl.store(step_sums_ptr + pid_r * cols + cols_1d, tl.sum(step_terms, axis=0), mask=cols_1d < cols)
-        else:
+            if L1_SCALE:
+                tl.store(abs_sums_ptr + pid_r * cols + cols_1d, tl.sum(abs_terms, axis=0), mask=cols_1d < cols)
+        elif STEP_AXIS == 1:
             rows_1d = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
             tl.store(step_sums_ptr + pid_c * rows + rows_1d, tl.sum(step_terms, axis=1), mask=rows_1d < rows)
+            if L1_SCALE:
+                tl.store(abs_sums_ptr + pid_c * rows + rows_1d, tl.sum(abs_terms, axis=1), mask=rows_1d < rows)
+        else:
+            tile = pid_r * tl.num_programs(1) + pid_c
+            tl.store(step_sums_ptr + tile, tl.sum(tl.sum(step_terms, axis=1), axis=0))
+            if L1_SCALE:
+                tl.store(abs_sums_ptr + tile, tl.sum(tl.sum(abs_terms, axis=1), axis=0))
         if HAS_OFFSET:
             offset_terms = tl.where(inb & ~inside, grad, 0.0)
             tl.store(offset_sums_ptr + pid_r * tl.num_programs(1) + pid_c, tl.sum(tl.sum(offset_terms, axis=1), axis=0))
+
+    @triton.jit
+    def _finalize_kernel(grad_step_ptr, grad_offset_ptr, step_sums_ptr, abs_sums_ptr, offset_sums_ptr, tiles, n,
+                         group_size, offset_tiles, grad_scale, qp, PER_ENTRY: tl.constexpr, L1_SCALE: tl.constexpr,
+                         HAS_OFFSET: tl.constexpr, BLOCK: tl.constexpr):
+        """α's (and β's) gradient from `_backward_kernel`'s partial sums, in one launch instead of a reduction
+        and a scaling per quantizer. Program ``g`` owns the entries ``[g·group_size, (g+1)·group_size)`` of the
+        ``tiles × n`` partials: with the L1 scale, one norm group (`functional.l1_grad_scale`); it writes one
+        gradient per entry (``PER_ENTRY``) or their sum (a single step)."""
+        g = tl.program_id(0)
+        lanes = tl.arange(0, BLOCK)
+        scale = grad_scale
+        if L1_SCALE:
+            l1 = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, group_size, BLOCK):
+                idx = g * group_size + start + lanes
+                ok = (start + lanes < group_size) & (idx < n)
+                for t in range(tiles):
+                    l1 += tl.load(abs_sums_ptr + t * n + idx, mask=ok, other=0.0)
+            scale = 1.0 / tl.sqrt_rn(tl.maximum(tl.sum(l1, axis=0), 1e-12) * qp)
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, group_size, BLOCK):
+            idx = g * group_size + start + lanes
+            ok = (start + lanes < group_size) & (idx < n)
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for t in range(tiles):
+                acc += tl.load(step_sums_ptr + t * n + idx, mask=ok, other=0.0)
+            if PER_ENTRY:
+                tl.store(grad_step_ptr + idx, acc * scale, mask=ok)
+            else:
+                total += acc
+        if not PER_ENTRY:
+            tl.store(grad_step_ptr + g, tl.sum(total, axis=0) * scale)
+        if HAS_OFFSET:
+            offsets = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, offset_tiles, BLOCK):
+                offsets += tl.load(offset_sums_ptr + start + lanes, mask=start + lanes < offset_tiles, other=0.0)
+            tl.store(grad_offset_ptr, tl.sum(offsets, axis=0), mask=g == 0)
 
 
 def step_axis(x: torch.Tensor, step: torch.Tensor) -> int | None:
@@ -153,7 +206,7 @@ def _geometry(x: torch.Tensor, axis: int) -> tuple[int, int, int, int, tuple[int
 
 
 def _run(kernel, outputs: tuple, geometry: tuple, x, step, offset, qn: float, qp: float, frozen_mask, frozen_codes,
-         axis: int, binary: bool) -> None:
+         axis: int, binary: bool, **constants) -> None:
     """Launch ``kernel`` with its ``outputs`` first, then the inputs both kernels share."""
     rows, cols, block_r, block_c, grid = geometry
     mask, codes = x, x  # unused pointers without frozen elements
@@ -161,7 +214,7 @@ def _run(kernel, outputs: tuple, geometry: tuple, x, step, offset, qn: float, qp
         mask, codes = frozen_mask.contiguous().view(torch.uint8), frozen_codes.contiguous()
     kernel[grid](*outputs, x, step.contiguous(), x if offset is None else offset, mask, codes, rows, cols, float(qn),
                  float(qp), STEP_AXIS=axis, HAS_OFFSET=offset is not None, HAS_FROZEN=frozen_mask is not None,
-                 BINARY=binary, BLOCK_R=block_r, BLOCK_C=block_c,
+                 BINARY=binary, BLOCK_R=block_r, BLOCK_C=block_c, **constants,
                  # No fused multiply-add: ``q·α + β`` must round twice, as the reference's two ops do.
                  enable_fp_fusion=False)
 
@@ -178,19 +231,29 @@ def fake_quantize_forward(x, step, offset, qn: float, qp: float, frozen_mask=Non
 
 
 def fake_quantize_backward(grad_out, x, step, offset, qn: float, qp: float, frozen_mask=None, frozen_codes=None,
-                           binary: bool = False, axis: int | None = None):
-    """``(grad_x, Σ grad·dx̂/dα summed to step.shape, Σ grad outside the grid summed to offset.shape or None)``;
-    the caller applies the step's gradient scale."""
+                           binary: bool = False, grad_scale: float | None = 1.0, l1_group_size: int = 0,
+                           axis: int | None = None):
+    """``(grad_x, α-gradient shaped like step, β-gradient shaped like offset or None)``: α's gradient scaled by
+    ``grad_scale``, or by `functional.l1_grad_scale` of ``x`` when ``l1_group_size > 0``. Two launches."""
     axis = step_axis(x, step) if axis is None else axis
     geometry = _geometry(x, axis)
     rows, cols, _, _, grid = geometry
     grad_out = grad_out.contiguous()
     grad_x = torch.empty_like(grad_out)
-    step_sums = torch.empty((grid[1], rows) if axis != STEP_PER_COL else (grid[0], cols), device=x.device,
-                            dtype=torch.float32)
-    offset_sums = torch.empty(grid, device=x.device, dtype=torch.float32) if offset is not None else step_sums
-    _run(_backward_kernel, (grad_out, grad_x, step_sums, offset_sums), geometry, x, step, offset, qn, qp,
-         frozen_mask, frozen_codes, axis, binary)
-    grad_step = step_sums.sum() if axis == ONE_STEP else step_sums.sum(0)
-    grad_offset = offset_sums.sum().reshape(offset.shape) if offset is not None else None
-    return grad_x, grad_step.reshape(step.shape), grad_offset
+    l1 = l1_group_size > 0
+    # The partials' (tiles × entries) layout: see `_backward_kernel`.
+    tiles, n = (grid[1], rows) if axis == STEP_PER_ROW else (grid[0], cols) if axis == STEP_PER_COL else (1, grid[0] * grid[1])
+    partials = torch.empty((2 if l1 else 1, tiles, n), device=x.device, dtype=torch.float32)
+    offset_sums = torch.empty(grid, device=x.device, dtype=torch.float32) if offset is not None else partials
+    _run(_backward_kernel, (grad_out, grad_x, partials[0], partials[-1], offset_sums), geometry, x, step, offset,
+         qn, qp, frozen_mask, frozen_codes, axis, binary, L1_SCALE=l1)
+    grad_step = torch.empty(step.shape, device=x.device, dtype=torch.float32)
+    grad_offset = torch.empty(offset.shape, device=x.device, dtype=torch.float32) if offset is not None else grad_step
+    per_entry = axis != ONE_STEP
+    group_size = l1_group_size if l1 and per_entry else n if not per_entry else _FINALIZE_BLOCK
+    block = min(_FINALIZE_BLOCK, max(16, triton.next_power_of_2(group_size)))
+    _finalize_kernel[(triton.cdiv(n, group_size),)](
+        grad_step, grad_offset, partials[0], partials[-1], offset_sums, tiles, n, group_size, offset_sums.numel(),
+        1.0 if l1 else float(grad_scale), float(qp), PER_ENTRY=per_entry, L1_SCALE=l1, HAS_OFFSET=offset is not None,
+        BLOCK=block)
+    return grad_x, grad_step.to(step.dtype), grad_offset.to(offset.dtype) if offset is not None else None
