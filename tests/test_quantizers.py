@@ -157,6 +157,34 @@ def test_lsq_fake_quantize_takes_one_gradient_scale():
             F.lsq_fake_quantize(x, step, grad_scale, -2, 1, l1_group_size=l1_group_size)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: LSQWeightQuantizer(2, channels=6), lambda: BinaryWeightQuantizer(1, channels=6),
+    lambda: LSQActivationQuantizer(4, signed=False, offset=True), lambda: BinaryActivationQuantizer(1),
+], ids=["lsq_weight", "bwn_weight", "lsq_offset_activation", "binary_activation"])
+def test_under_autocast_fp32_sites_come_out_in_the_autocast_dtype_with_the_same_values_and_gradients(make):
+    """What the consumer's cast would give, without the cast: the fp32 result rounded to bf16, and the same
+    gradients (the incoming gradient is bf16 either way)."""
+    torch.manual_seed(0)
+    quantizer, x = make(), torch.randn(6, 8)
+    quantizer(x)  # calibrates activation steps
+    grad = torch.randn(6, 8).bfloat16().float()
+    results = []
+    for autocast in (False, True):
+        leaf = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = quantizer(leaf)
+        assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
+        out = out if autocast else out.bfloat16()  # the cast autocast's matmul would apply
+        (out.float() * grad).sum().backward()
+        params = [p.grad.clone() for p in quantizer.parameters() if p.grad is not None]
+        quantizer.zero_grad()
+        results.append((out, leaf.grad, params))
+    (out, grad_x, params), (out_ac, grad_x_ac, params_ac) = results
+    assert torch.equal(out, out_ac) and torch.equal(grad_x, grad_x_ac)
+    for got, want in zip(params_ac, params, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
 def test_weight_quantizer_per_head_groups_rows_by_head():
     torch.manual_seed(0)
     w = torch.randn(8, 4)

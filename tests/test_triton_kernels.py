@@ -47,18 +47,23 @@ def _scales(name: str) -> tuple[float | None, int]:
     return (None, L1_GROUP_SIZES[name]) if name in L1_GROUP_SIZES else (0.5, 0)
 
 
-def _through_autograd(x, step, offset, qn, qp, binary, frozen, grad_out, name):
-    """Forward value and gradients of `functional`'s autograd functions (the reference for CPU tensors)."""
+def _through_autograd(x, step, offset, qn, qp, binary, frozen, grad_out, name, autocast: bool = False):
+    """Forward value and gradients of `functional`'s autograd functions (the reference for CPU tensors); with
+    ``autocast``, the forward runs under bf16 autocast."""
     x, step = x.clone().requires_grad_(), step.clone().requires_grad_()
     offset = offset.clone().requires_grad_() if offset is not None else None
-    if binary:
-        out = F.signed_binarize(x, step, 0.5)
-    else:
-        grad_scale, l1_group_size = _scales(name)
-        out = F.lsq_fake_quantize(x, step, grad_scale, qn, qp, offset, *(frozen or (None, None)),
-                                  l1_group_size=l1_group_size)
-    out.backward(grad_out)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = _forward(x, step, offset, qn, qp, binary, frozen, name)
+    out.backward(grad_out.to(out.dtype))
     return out.detach(), x.grad, step.grad, offset.grad if offset is not None else None
+
+
+def _forward(x, step, offset, qn, qp, binary, frozen, name):
+    if binary:
+        return F.signed_binarize(x, step, 0.5)
+    grad_scale, l1_group_size = _scales(name)
+    return F.lsq_fake_quantize(x, step, grad_scale, qn, qp, offset, *(frozen or (None, None)),
+                               l1_group_size=l1_group_size)
 
 
 CASES = ["weight_tensor", "weight_channel", "act_tensor", "act_channel", "act_offset", "binary_tensor",
@@ -103,18 +108,21 @@ def test_step_layouts_the_kernels_take_and_refuse():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16_inputs", "fp32_inputs_under_autocast"])
 @pytest.mark.parametrize("name", CASES)
-def test_autograd_functions_use_the_kernels_on_gpu(name, monkeypatch):
-    """Through `functional` on the GPU: kernels on vs ``HF_QVAR_TRITON=0`` (the reference on the GPU)."""
-    x, step, offset, qn, qp, binary, frozen = _case(name, torch.bfloat16)
+def test_autograd_functions_use_the_kernels_on_gpu(name, autocast, monkeypatch):
+    """Through `functional` on the GPU: kernels on vs ``HF_QVAR_TRITON=0`` (the reference on the GPU); bf16
+    inputs, or fp32 inputs under bf16 autocast (outputs come out in bf16)."""
+    x, step, offset, qn, qp, binary, frozen = _case(name, torch.float32 if autocast else torch.bfloat16)
     x, step = x.cuda(), step.cuda()
     offset = offset.cuda() if offset is not None else None
     frozen = (frozen[0].cuda(), frozen[1].cuda()) if frozen else None
     assert kernels.fused_layout(x, step, offset) is not None
     grad_out = torch.randn_like(x)
-    fused = _through_autograd(x, step, offset, qn, qp, binary, frozen, grad_out, name)
+    fused = _through_autograd(x, step, offset, qn, qp, binary, frozen, grad_out, name, autocast)
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
-    plain = _through_autograd(x, step, offset, qn, qp, binary, frozen, grad_out, name)
+    plain = _through_autograd(x, step, offset, qn, qp, binary, frozen, grad_out, name, autocast)
+    assert fused[0].dtype == torch.bfloat16
     assert torch.equal(fused[0], plain[0]) and torch.equal(fused[1], plain[1])
     for got, want in zip(fused[2:], plain[2:]):
         if want is not None:

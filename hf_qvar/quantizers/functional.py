@@ -28,6 +28,16 @@ def unsigned_range(bits: int) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
+def output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a fake-quantized ``x`` is produced in: under autocast, fp32 sites go straight to the autocast
+    dtype, which their consumer (a matmul) would cast them to anyway; the values are the same and the cast
+    kernel (one per weight each step) is saved. The backward's gradient reaches ``x`` in ``x.dtype``."""
+    device = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 def l1_grad_scale(x: torch.Tensor, step_shape: torch.Size, group_size: int, qp: int) -> torch.Tensor:
     """The paper's step-size gradient scale ``1/sqrt(‖x_g‖₁·Qp)`` (method.md §3.2), shaped like the step.
 
@@ -67,7 +77,8 @@ class _LSQFakeQuantize(torch.autograd.Function):
         ctx.qn, ctx.qp, ctx.grad_scale, ctx.l1_group_size = qn, qp, grad_scale, l1_group_size
         ctx.axis = kernels.fused_layout(x, step, offset)
         if ctx.axis is not None:
-            return kernels.fake_quantize_forward(x, step, offset, qn, qp, frozen_mask, frozen_codes, axis=ctx.axis)
+            return kernels.fake_quantize_forward(x, step, offset, qn, qp, frozen_mask, frozen_codes, axis=ctx.axis,
+                                                 dtype=output_dtype(x))
         shifted = x if offset is None else x - offset
         q = torch.clamp(torch.round(shifted / step), qn, qp)
         if frozen_mask is not None:
@@ -75,7 +86,7 @@ class _LSQFakeQuantize(torch.autograd.Function):
         out = q * step
         if offset is not None:
             out = out + offset
-        return out.to(x.dtype)
+        return out.to(output_dtype(x))
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -100,7 +111,9 @@ class _LSQFakeQuantize(torch.autograd.Function):
         grad_step = (grad_out * d_step).sum_to_size(step.shape) * grad_scale
         grad_offset = None
         if offset is not None:
-            grad_offset = (grad_out * (~inside)).sum_to_size(offset.shape)
+            # Summed in (at least) fp32, as the kernels do: bf16 sums would round the result.
+            grad_offset = (grad_out.to(torch.promote_types(grad_out.dtype, torch.float32)) * (~inside)).sum_to_size(
+                offset.shape)
         return grad_x, grad_step, grad_offset, None, None, None, None, None, None
 
 
@@ -117,9 +130,10 @@ class _SignedBinarize(torch.autograd.Function):
         ctx.grad_scale = grad_scale
         ctx.axis = kernels.fused_layout(x, step)
         if ctx.axis is not None:
-            return kernels.fake_quantize_forward(x, step, None, -1, 1, binary=True, axis=ctx.axis)
+            return kernels.fake_quantize_forward(x, step, None, -1, 1, binary=True, axis=ctx.axis,
+                                                 dtype=output_dtype(x))
         sign = torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
-        return (sign * step).to(x.dtype)
+        return (sign * step).to(output_dtype(x))
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -128,7 +142,7 @@ class _SignedBinarize(torch.autograd.Function):
             grad_x, grad_step, _ = kernels.fake_quantize_backward(grad_out, x, step, None, -1, 1, binary=True,
                                                                   grad_scale=ctx.grad_scale, axis=ctx.axis)
             return grad_x, grad_step, None
-        sign = torch.where(x >= 0, 1.0, -1.0).to(grad_out.dtype)
+        sign = torch.where(x >= 0, 1.0, -1.0)  # fp32: the α-gradient is summed in fp32, as the kernels do
         grad_x = grad_out * ((x / step).abs() <= 1)
         grad_step = (grad_out * sign).sum_to_size(step.shape) * ctx.grad_scale
         return grad_x, grad_step, None
@@ -148,7 +162,7 @@ class _BinaryWeight(torch.autograd.Function):
         if frozen_mask is not None:
             sign = torch.where(frozen_mask, frozen_codes.to(sign.dtype), sign)
         ctx.save_for_backward(frozen_mask)
-        return (sign * scale).to(w.dtype)
+        return (sign * scale).to(output_dtype(w))
 
     @staticmethod
     def backward(ctx, grad_out):

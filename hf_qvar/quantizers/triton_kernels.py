@@ -220,11 +220,12 @@ def _run(kernel, outputs: tuple, geometry: tuple, x, step, offset, qn: float, qp
 
 
 def fake_quantize_forward(x, step, offset, qn: float, qp: float, frozen_mask=None, frozen_codes=None,
-                          binary: bool = False, axis: int | None = None) -> torch.Tensor:
-    """``functional``'s forward value: LSQ (``binary=False``) or ``α·sign(x)`` (``binary=True``), in ``x.dtype``;
-    ``axis`` as `fused_layout` returned it (computed when left out)."""
+                          binary: bool = False, axis: int | None = None, dtype: torch.dtype | None = None
+                          ) -> torch.Tensor:
+    """``functional``'s forward value: LSQ (``binary=False``) or ``α·sign(x)`` (``binary=True``), in ``dtype``
+    (default ``x.dtype``); ``axis`` as `fused_layout` returned it (computed when left out)."""
     axis = step_axis(x, step) if axis is None else axis
-    out = torch.empty_like(x)
+    out = torch.empty_like(x, dtype=dtype)
     _run(_forward_kernel, (out,), _geometry(x, axis), x, step, offset, qn, qp, frozen_mask, frozen_codes, axis,
          binary)
     return out
