@@ -38,10 +38,9 @@ def freeze_a_tenth(model) -> None:
     """Freeze a random 10 % of every quantized weight at its current code, as oscillation freezing would."""
     g = torch.Generator(device="cuda").manual_seed(0)
     for layer in quantized_weight_layers(model).values():
-        quantizer = layer.weight_quantizer
+        mask = torch.rand(layer.weight.shape, generator=g, device="cuda") < 0.1
         with torch.no_grad():
-            quantizer.frozen_codes = quantizer.codes(layer.weight)
-        quantizer.frozen_mask = torch.rand(layer.weight.shape, generator=g, device="cuda") < 0.1
+            layer.weight_quantizer.freeze(layer.weight, mask, layer.weight_quantizer.codes(layer.weight))
 
 
 FEATURES = ("obr", "tracking", "freezing")

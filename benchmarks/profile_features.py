@@ -2,7 +2,7 @@
 call apart: one oscillation-tracking step, OBR's gradient added after backward (`OBRGradient`, the trainer's
 path), and OBR inside the loss (forward + backward of `obr_terms`, the fp16/FSDP/DeepSpeed path). Each with CUDA
 graphs off and on (``HF_QVAR_CUDA_GRAPHS``), so launch cost and GPU work show apart; ``host_ms_per_call`` is this
-thread's CPU time per call. ``--steps`` adds whole training steps without and with frozen masks.
+thread's CPU time per call. ``--steps`` adds whole training steps without and with frozen weights.
 
     python benchmarks/profile_features.py --bits 2 --json results/profile_features_h100.json
 """
@@ -65,7 +65,7 @@ def main() -> None:
         model, batch_size = build("bert-base", f"w{args.bits}a{args.bits}", "cuda")
         calibrate(model, make_batch("bert-base", batch_size, "cuda"))
         tracker = OscillationTracker(model, freeze_threshold=0.1)
-        tracker.initialize()  # freezing on: every quantizer holds a frozen mask, as in training
+        tracker.initialize()  # freezing on: every quantizer holds frozen codes, as in training
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
         obr = OBRGradient(model)
@@ -75,7 +75,7 @@ def main() -> None:
             rows.append(profile_call("obr-loss", lambda: sum(obr_terms(model)).backward(), args.iters))
         del model, tracker, obr
         torch.cuda.empty_cache()
-    for mode in args.steps:  # what frozen masks cost the forward and backward (graphs on)
+    for mode in args.steps:  # what frozen codes cost the forward and backward (graphs on)
         for features in ((), ("freezing",)):
             step, _ = make_step(features, args.bits, mode, warmup=1)
             rows.append(profile_call(f"{mode} step" + "".join(f" + {f}" for f in features), step, args.iters))

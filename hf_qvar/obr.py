@@ -112,7 +112,7 @@ def _terms(residual: torch.Tensor, codes: torch.Tensor, frozen_mask: torch.Tenso
 
 
 @cuda_compiled
-def lsq_obr_terms(weight: torch.Tensor, quantizer: nn.Module, step_size: torch.Tensor, frozen_mask: torch.Tensor | None,
+def lsq_obr_terms(weight: torch.Tensor, quantizer: nn.Module, step_size: torch.Tensor, frozen_codes: torch.Tensor | None,
                   layers: int, mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """OBR terms of ``layers`` stacked LSQ layers quantized like ``quantizer`` (their step sizes stacked in
     ``step_size``); gradients reach W inside the clip range and α (scaled by the step-size gradient scale)."""
@@ -121,26 +121,27 @@ def lsq_obr_terms(weight: torch.Tensor, quantizer: nn.Module, step_size: torch.T
     scaled_step = (step - step.detach()) * quantizer.grad_scale(weight, lead=1) + step.detach()
     w_clip = torch.clamp(weight / scaled_step, qn, qp) * scaled_step
     codes = F.integer_codes(weight, step.detach(), qn, qp)
-    return _terms(w_clip - codes * step.detach(), codes, frozen_mask, qn, qp - qn + 1, layers,
+    frozen = F.is_frozen(frozen_codes, qn) if frozen_codes is not None else None
+    return _terms(w_clip - codes * step.detach(), codes, frozen, qn, qp - qn + 1, layers,
                   layers * quantizer.num_groups, mean)
 
 
 @cuda_compiled
-def binary_obr_terms(weight: torch.Tensor, quantizer: nn.Module, frozen_mask: torch.Tensor | None, layers: int,
+def binary_obr_terms(weight: torch.Tensor, quantizer: nn.Module, frozen_codes: torch.Tensor | None, layers: int,
                      mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """OBR terms of stacked BWN layers: no clip, the scale is not learnt, bins are the two signs."""
     scale, center = quantizer._stats(weight, lead=1)
     codes = torch.where(weight.detach() >= center, 1.0, -1.0).to(weight.dtype)
     # Codes are ±1: bin ids (code + 1) / 2 ∈ {0, 1}.
-    return _terms(weight - codes * scale, (codes + 1) / 2, frozen_mask, 0, 2, layers,
-                  layers * quantizer.num_groups, mean)
+    frozen = F.is_frozen(frozen_codes, quantizer.qn) if frozen_codes is not None else None
+    return _terms(weight - codes * scale, (codes + 1) / 2, frozen, 0, 2, layers, layers * quantizer.num_groups, mean)
 
 
 def _stack_key(layer: QuantizedLayerMixin) -> tuple:
     """Layers with equal keys have the same quantizer settings and weight shape: their terms are one pass."""
     q, w = layer.weight_quantizer, layer.weight
     return (type(q), q.qn, q.qp, q.granularity, q.channels, q.num_heads, q.gradient_scale, tuple(w.shape), w.dtype,
-            w.device, q.frozen_mask is not None)
+            w.device, q.frozen_codes is not None)
 
 
 def stacked_obr_terms(layers: list[QuantizedLayerMixin], reduction: str = "mean", weight: torch.Tensor | None = None,
@@ -154,13 +155,13 @@ def stacked_obr_terms(layers: list[QuantizedLayerMixin], reduction: str = "mean"
     q = layers[0].weight_quantizer
     if weight is None:
         weight = torch.stack([layer.weight for layer in layers])
-    mask = torch.stack([layer.weight_quantizer.frozen_mask for layer in layers]) if q.frozen_mask is not None else None
+    frozen = torch.stack([layer.weight_quantizer.frozen_codes for layer in layers]) if q.frozen_codes is not None else None
     mean = reduction == "mean"
     if isinstance(q, BinaryWeightQuantizer):
-        return binary_obr_terms(weight, q, mask, len(layers), mean)
+        return binary_obr_terms(weight, q, frozen, len(layers), mean)
     if step_size is None:
         step_size = torch.stack([layer.weight_quantizer.step_size for layer in layers])
-    return lsq_obr_terms(weight, q, step_size, mask, len(layers), mean)
+    return lsq_obr_terms(weight, q, step_size, frozen, len(layers), mean)
 
 
 def obr_layer_terms(layer: QuantizedLayerMixin, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,8 +239,8 @@ class OBRGradient:
     def __init__(self, model: nn.Module, reduction: str = "mean", max_bits: int = 8):
         self.layers = _checked_obr_layers(model, reduction, max_bits)
         self.model, self.reduction = model, reduction
-        # It reads the weights, step sizes and frozen masks.
-        self._step = GraphedStep(self._terms_and_gradients, latent_tensor_reader(self.layers, frozen_masks=True))
+        # It reads the weights, step sizes and frozen codes.
+        self._step = GraphedStep(self._terms_and_gradients, latent_tensor_reader(self.layers, frozen_codes=True))
 
     def _terms_and_gradients(self) -> tuple[torch.Tensor, torch.Tensor, list[nn.Parameter], list[torch.Tensor]]:
         """Both terms, and the gradient of their sum for every weight and step size that requires one.

@@ -6,8 +6,8 @@ After every optimizer step, per quantized weight with integer code ``x_int``:
   (a move opposite to the last move), and ``dir_prev_switch`` is updated only where ``Δ ≠ 0``;
 * ``f ← m·event + (1 − m)·f``; the reported oscillation % is the share of weights with ``f > threshold``;
 * with freezing, a weight whose ``f`` passes ``freeze_threshold`` is frozen at ``round(EMA(x_int))`` (same
-  momentum): its quantizer's ``frozen_mask``/``frozen_codes`` hold it there in the forward and block its
-  latent-weight gradient. ``requires_grad`` is never touched, so DDP buckets stay valid.
+  momentum): its quantizer's ``frozen_codes`` hold it there in the forward and block its latent-weight
+  gradient. ``requires_grad`` is never touched, so DDP buckets stay valid.
 
 Frozen elements keep their integer code, not their value: the value is ``code·α`` and follows the learnt α.
 Tracking uses the code the forward actually uses (the frozen code once frozen), so frozen weights stop
@@ -16,7 +16,7 @@ oscillating and their ``f`` decays. The reference's momentum 0.001 suits its 190
 
 Everything is elementwise tensor work per layer (no Python loop over weights); on GPUs one step of all layers
 is one compiled graph (`advance`) that never syncs with the host, replayed from a CUDA graph (`GraphedStep`),
-so a step costs one launch. The state (incl. frozen masks) round-trips through a safetensors file so Trainer
+so a step costs one launch. The state (incl. frozen codes) round-trips through a safetensors file so Trainer
 checkpoints resume exactly.
 """
 
@@ -33,11 +33,12 @@ from .compile_utils import cuda_compiled
 from .cuda_graphs import GraphedStep
 from .nn.qlinear import QuantizedLayerMixin, latent_tensor_reader
 from .quantizers.fake_quantizer import BinaryWeightQuantizer
+from .quantizers.functional import is_frozen
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "qvar_oscillation.safetensors"
-_FIELDS = ("prev_codes", "last_direction", "frequency", "ema_codes", "frozen_mask", "frozen_codes")
+_FIELDS = ("prev_codes", "last_direction", "frequency", "ema_codes", "frozen_codes")
 
 
 def quantized_weight_layers(model: nn.Module) -> dict[str, QuantizedLayerMixin]:
@@ -59,8 +60,8 @@ def effective_codes(layer: QuantizedLayerMixin) -> torch.Tensor:
     """The integer codes the forward uses (frozen codes where frozen), as floats."""
     quantizer = layer.weight_quantizer
     codes = quantizer.codes(layer.weight)
-    if quantizer.frozen_mask is not None:
-        codes = torch.where(quantizer.frozen_mask, quantizer.frozen_codes.to(codes.dtype), codes)
+    if quantizer.frozen_codes is not None:
+        codes = torch.where(quantizer.frozen_mask(), quantizer.frozen_codes.to(codes.dtype), codes)
     return codes.float()
 
 
@@ -76,12 +77,12 @@ def tracking_step(codes: torch.Tensor, prev_codes: torch.Tensor, last_direction:
     prev_codes.copy_(codes.to(torch.int8))
 
 
-def freezing_step(quantizer: nn.Module, frequency: torch.Tensor, ema_codes: torch.Tensor, frozen_mask: torch.Tensor,
-                  frozen_codes: torch.Tensor, threshold: float) -> None:
+def freezing_step(quantizer: nn.Module, frequency: torch.Tensor, ema_codes: torch.Tensor, frozen_codes: torch.Tensor,
+                  threshold: float) -> None:
     """Freeze, in place, every weight not yet frozen whose frequency passed ``threshold`` at ``round(EMA)``."""
-    newly = (frequency > threshold) & ~frozen_mask
-    frozen_codes.copy_(torch.where(newly, _frozen_value_codes(quantizer, ema_codes).to(torch.int8), frozen_codes))
-    frozen_mask.logical_or_(newly)
+    newly = (frequency > threshold) & ~is_frozen(frozen_codes, quantizer.qn)
+    frozen_codes.copy_(torch.where(newly, _frozen_value_codes(quantizer, ema_codes).to(frozen_codes.dtype),
+                                   frozen_codes))
 
 
 @cuda_compiled
@@ -93,15 +94,14 @@ def advance(layers: list[QuantizedLayerMixin], states: list[dict[str, torch.Tens
         tracking_step(effective_codes(layer), s["prev_codes"], s["last_direction"], s["frequency"], s["ema_codes"],
                       momentum)
         if freeze_threshold is not None:
-            freezing_step(layer.weight_quantizer, s["frequency"], s["ema_codes"], s["frozen_mask"], s["frozen_codes"],
-                          freeze_threshold)
+            freezing_step(layer.weight_quantizer, s["frequency"], s["ema_codes"], s["frozen_codes"], freeze_threshold)
 
 
 class OscillationTracker:
     """EMA oscillation frequency per quantized weight, with optional freezing.
 
-    With freezing on, every weight quantizer holds its layer's ``frozen_mask``/``frozen_codes`` state tensors
-    from the start (all unfrozen): freezing updates them in place, so a step never syncs with the host and a
+    With freezing on, every weight quantizer holds its layer's ``frozen_codes`` state tensor from the start
+    (all unfrozen): freezing updates them in place, so a step never syncs with the host and a
     compiled model never sees its quantizers change.
 
     Args:
@@ -121,7 +121,7 @@ class OscillationTracker:
             raise ValueError(f"{type(model).__name__} has no quantized layer to track.")
         self.momentum, self.threshold, self.freeze_threshold = momentum, threshold, freeze_threshold
         self.state: dict[str, dict[str, torch.Tensor]] = {}
-        # The state tensors (frozen masks and codes included) change only in `initialize` and `load`, which
+        # The state tensors (frozen codes included) change only in `initialize` and `load`, which
         # reset the graph; what may move under it are the weights and step sizes.
         self._step = GraphedStep(self._advance, latent_tensor_reader(list(self.layers.values())))
 
@@ -135,15 +135,13 @@ class OscillationTracker:
         for name, layer in self.layers.items():
             codes = effective_codes(layer)
             quantizer = layer.weight_quantizer
-            frozen = quantizer.frozen_mask if quantizer.frozen_mask is not None else torch.zeros_like(codes, dtype=torch.bool)
-            frozen_codes = quantizer.frozen_codes if quantizer.frozen_codes is not None else torch.zeros_like(codes)
+            frozen = quantizer.frozen_codes
             self.state[name] = {
                 "prev_codes": codes.to(torch.int8),
                 "last_direction": torch.zeros_like(codes, dtype=torch.int8),
                 "frequency": torch.zeros_like(codes),
                 "ema_codes": codes.clone(),
-                "frozen_mask": frozen.clone(),
-                "frozen_codes": frozen_codes.to(torch.int8),
+                "frozen_codes": frozen.clone() if frozen is not None else quantizer.unfrozen_codes(layer.weight),
             }
             self._attach_frozen(layer, self.state[name])
         self._step.reset()
@@ -160,12 +158,10 @@ class OscillationTracker:
         advance(list(self.layers.values()), list(self.state.values()), self.momentum, self.freeze_threshold)
 
     def _attach_frozen(self, layer: QuantizedLayerMixin, s: dict[str, torch.Tensor]) -> None:
-        """Point the quantizer at the state's frozen mask and codes (kept in sync in place from now on)."""
+        """Point the quantizer at the state's frozen codes (kept in sync in place from now on)."""
         quantizer = layer.weight_quantizer
-        if self.freeze_threshold is not None or bool(s["frozen_mask"].any()):
-            quantizer.frozen_mask, quantizer.frozen_codes = s["frozen_mask"], s["frozen_codes"]
-        else:
-            quantizer.frozen_mask = quantizer.frozen_codes = None
+        frozen = self.freeze_threshold is not None or bool(is_frozen(s["frozen_codes"], quantizer.qn).any())
+        quantizer.frozen_codes = s["frozen_codes"] if frozen else None
 
     @torch.no_grad()
     def stats(self, per_layer: bool = False) -> dict[str, float]:
@@ -173,7 +169,8 @@ class OscillationTracker:
         if not self.initialized:
             return {}
         counts = torch.stack([
-            torch.stack([(s["frequency"] > self.threshold).sum(), s["frozen_mask"].sum()]) for s in self.state.values()
+            torch.stack([(s["frequency"] > self.threshold).sum(), is_frozen(s["frozen_codes"], layer.weight_quantizer.qn).sum()])
+            for layer, s in zip(self.layers.values(), self.state.values())
         ]).tolist()  # one host sync for every layer
         out: dict[str, float] = {}
         total = oscillating = frozen = 0
@@ -190,18 +187,24 @@ class OscillationTracker:
         return out
 
     def save(self, path: str) -> None:
-        """Write the tracker state (incl. frozen masks and codes) to a safetensors file."""
+        """Write the tracker state (incl. frozen codes) to a safetensors file."""
         tensors = {f"{name}.{field}": t.contiguous().cpu() for name, s in self.state.items() for field, t in s.items()}
         metadata = {
-            "format": "hf_qvar.oscillation", "version": "1",
+            "format": "hf_qvar.oscillation", "version": "2",
             "config": json.dumps({"momentum": self.momentum, "threshold": self.threshold,
                                   "freeze_threshold": self.freeze_threshold}),
         }
         save_file(tensors, path, metadata=metadata)
 
     def load(self, path: str) -> None:
-        """Restore a state written by `save` and re-apply its frozen masks to the quantizers."""
+        """Restore a state written by `save` and re-apply its frozen codes to the quantizers (a version-1 state,
+        with separate frozen masks, is converted)."""
         tensors = load_file(path)
+        for name, layer in self.layers.items():  # version 1: a frozen mask beside codes that were 0 where unfrozen
+            mask, codes = tensors.pop(f"{name}.frozen_mask", None), tensors.get(f"{name}.frozen_codes")
+            if mask is not None and codes is not None:
+                unfrozen = layer.weight_quantizer.unfrozen_codes(codes)
+                tensors[f"{name}.frozen_codes"] = torch.where(mask, codes.to(unfrozen.dtype), unfrozen)
         missing = [f"{n}.{f}" for n in self.layers for f in _FIELDS if f"{n}.{f}" not in tensors]
         unexpected = sorted({k.rsplit(".", 1)[0] for k in tensors} - set(self.layers))
         if missing or unexpected:
@@ -221,7 +224,7 @@ class OscillationTracker:
 def bake_frozen_weights(model: nn.Module) -> int:
     """Write ``W := frozen_code·step`` into every frozen latent weight; returns the number of baked weights.
 
-    Afterwards a plain ``save_pretrained`` → ``from_pretrained`` (which knows nothing about frozen masks)
+    Afterwards a plain ``save_pretrained`` → ``from_pretrained`` (which knows nothing about frozen codes)
     reproduces the frozen forward bit-identically for LSQ layers: ``round(code·α/α) = code``. BWN layers
     get the same treatment, but their per-matrix scale and center are recomputed from the baked weights, so
     their values (not their frozen signs) may shift slightly; a warning says so.
@@ -229,11 +232,12 @@ def bake_frozen_weights(model: nn.Module) -> int:
     baked, binary = 0, []
     for name, layer in quantized_weight_layers(model).items():
         quantizer = layer.weight_quantizer
-        if quantizer.frozen_mask is None:
+        frozen = quantizer.frozen_mask()
+        if frozen is None:
             continue
         value = quantizer.frozen_codes.to(layer.weight.dtype) * quantizer.step(layer.weight)
-        layer.weight.copy_(torch.where(quantizer.frozen_mask, value, layer.weight))
-        baked += int(quantizer.frozen_mask.sum())
+        layer.weight.copy_(torch.where(frozen, value, layer.weight))
+        baked += int(frozen.sum())
         if isinstance(quantizer, BinaryWeightQuantizer):
             binary.append(name)
     if binary:

@@ -75,23 +75,22 @@ def load_teacher(teacher: str | nn.Module, student: nn.Module, output_attentions
 
 
 def quantizer_state_digest(model: nn.Module) -> str:
-    """A short SHA-256 of every step size, offset and frozen mask/code of ``model``: equal on all ranks of a
+    """A short SHA-256 of every step size, offset and frozen code of ``model``: equal on all ranks of a
     correct data-parallel run (what a rank-by-rank comparison of the quantizer state checks)."""
     digest = hashlib.sha256()
     for name, param in model.named_parameters():
         if is_step_size_parameter(name):
             digest.update(name.encode() + param.detach().float().cpu().numpy().tobytes())
     for name, module in model.named_modules():
-        for field in ("frozen_mask", "frozen_codes"):
-            value = getattr(module, field, None)
-            if isinstance(value, torch.Tensor):
-                digest.update(f"{name}.{field}".encode() + value.detach().to(torch.int8).cpu().numpy().tobytes())
+        value = getattr(module, "frozen_codes", None)
+        if isinstance(value, torch.Tensor):
+            digest.update(f"{name}.frozen_codes".encode() + value.detach().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
 class RankConsistencyCallback(TrainerCallback):
     """At the end of training, gathers `quantizer_state_digest` from every rank into ``digests`` and warns if
-    they differ (quantizer initialisation and frozen masks must be identical on all ranks)."""
+    they differ (quantizer initialisation and frozen codes must be identical on all ranks)."""
 
     def __init__(self):
         self.digests: list[str] = []
@@ -337,7 +336,7 @@ class QVarTrainer(Trainer):
         self._load_tracker(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
-        super()._load_best_model()  # the best weights need the frozen masks they were trained with
+        super()._load_best_model()  # the best weights need the frozen codes they were trained with
         self._load_tracker(self.state.best_model_checkpoint)
 
     def _load_tracker(self, checkpoint: str) -> None:

@@ -113,7 +113,7 @@ def test_frozen_elements_are_left_out(cols):
     full = obr_layer_terms(layer)
     mask = torch.zeros_like(layer.weight, dtype=torch.bool)
     mask[:3] = True
-    q.frozen_mask, q.frozen_codes = mask, q.codes(layer.weight)
+    q.freeze(layer.weight, mask, q.codes(layer.weight))
     term1, term2 = obr_layer_terms(layer)
     (term1 + term2).backward()
     assert (layer.weight.grad[mask] == 0).all() and layer.weight.grad[~mask].abs().sum() > 0
@@ -170,8 +170,7 @@ def _mixed_layers(frozen: bool, cols: int = 40) -> list[_Layer]:
     g = torch.Generator().manual_seed(0)
     for layer in layers if frozen else []:
         q = layer.weight_quantizer
-        q.frozen_mask = torch.rand(layer.weight.shape, generator=g) < 0.2
-        q.frozen_codes = q.codes(layer.weight).to(torch.int8)
+        q.freeze(layer.weight, torch.rand(layer.weight.shape, generator=g) < 0.2, q.codes(layer.weight))
     return layers
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from hf_qvar import QVarConfig
 from hf_qvar.nn.qlinear import QuantizedLayerMixin
 from hf_qvar.oscillation import OscillationTracker, bake_frozen_weights
 from hf_qvar.quantizers.fake_quantizer import LSQWeightQuantizer
+from hf_qvar.quantizers.functional import is_frozen
 from tests.conftest import auto_class, example_inputs
 
 
@@ -74,8 +76,8 @@ def test_freezing_at_rounded_ema_holds_code_and_blocks_gradient():
     # weight 0 oscillates 0,1,0 → f = 0.5 at step 2, EMA = 0.25 → frozen at 0; weight 1 rises monotonically.
     model, tracker = _run([[0, 1, 0], [2, 3, 4]], momentum=m, freeze_threshold=0.4)
     q = model.layer.weight_quantizer
-    assert q.frozen_mask.tolist() == [[True, False]]
-    assert q.frozen_codes[0, 0].item() == 0.0
+    assert q.frozen_mask().tolist() == [[True, False]]
+    assert q.frozen_codes.tolist() == [[0, q.qn - 1]]  # the frozen code, and the unfrozen marker below the grid
     assert tracker.stats()["frozen_pct"] == 50.0
     model.set_codes([3.0, 5.0])  # the latent weight moves, the frozen code does not
     out = model.layer.quantized_weight()
@@ -86,7 +88,7 @@ def test_freezing_at_rounded_ema_holds_code_and_blocks_gradient():
     assert tracker.state["layer"]["frequency"][0, 0].item() == pytest.approx(0.25)
 
 
-def test_state_round_trip_restores_frozen_masks(tmp_path):
+def test_state_round_trip_restores_frozen_codes(tmp_path):
     model, tracker = _run([[0, 1, 0, 1], [1, 2, 3, 4]], momentum=0.5, freeze_threshold=0.4)
     path = str(tmp_path / "osc.safetensors")
     tracker.save(path)
@@ -95,10 +97,26 @@ def test_state_round_trip_restores_frozen_masks(tmp_path):
     restored.load(path)
     for field, value in tracker.state["layer"].items():
         assert torch.equal(restored.state["layer"][field], value), field
-    assert torch.equal(fresh.layer.weight_quantizer.frozen_mask, model.layer.weight_quantizer.frozen_mask)
     assert torch.equal(fresh.layer.weight_quantizer.frozen_codes, model.layer.weight_quantizer.frozen_codes)
     with pytest.raises(ValueError, match="does not match"):
         OscillationTracker(torch.nn.ModuleDict({"other": _Layer([0.0, 1.0])})).load(path)
+
+
+def test_version_1_state_with_separate_frozen_masks_loads_as_frozen_codes(tmp_path):
+    """Version 1 kept a boolean mask beside codes that were 0 where nothing was frozen: 0 must not load as
+    'frozen at code 0'."""
+    model, tracker = _run([[0, 1, 0, 1], [1, 2, 3, 4]], momentum=0.5, freeze_threshold=0.4)
+    state = {k: v.clone() for k, v in tracker.state["layer"].items()}
+    frozen = model.layer.weight_quantizer.frozen_mask()
+    assert frozen.tolist() == [[True, False]]
+    v1 = {f"layer.{k}": v for k, v in state.items() if k != "frozen_codes"}
+    v1["layer.frozen_mask"] = frozen
+    v1["layer.frozen_codes"] = torch.where(frozen, state["frozen_codes"], 0).to(torch.int8)
+    path = str(tmp_path / "osc_v1.safetensors")
+    save_file(v1, path)
+    fresh = _Model([1.0, 4.0])
+    OscillationTracker(fresh, momentum=0.5, freeze_threshold=0.4).load(path)
+    assert torch.equal(fresh.layer.weight_quantizer.frozen_codes, state["frozen_codes"])
 
 
 def test_bake_then_reload_reproduces_the_frozen_forward_bit_identically(tiny_checkpoints, tmp_path):
@@ -110,15 +128,14 @@ def test_bake_then_reload_reproduces_the_frozen_forward_bit_identically(tiny_che
         if isinstance(layer, QuantizedLayerMixin):
             q = layer.weight_quantizer
             mask = torch.rand(layer.weight.shape, generator=g) < 0.3
-            codes = torch.randint(q.qn, q.qp + 1, layer.weight.shape, generator=g).float()
-            q.frozen_mask, q.frozen_codes = mask, codes
+            q.freeze(layer.weight, mask, torch.randint(q.qn, q.qp + 1, layer.weight.shape, generator=g))
     with torch.no_grad():
         frozen_logits = model(**inputs).logits
         assert bake_frozen_weights(model) > 0
         assert torch.equal(model(**inputs).logits, frozen_logits)
     model.save_pretrained(tmp_path)
     reloaded = cls.from_pretrained(tmp_path).eval()
-    assert not any(getattr(m.weight_quantizer, "frozen_mask", None) is not None
+    assert not any(m.weight_quantizer.frozen_codes is not None
                    for m in reloaded.modules() if isinstance(m, QuantizedLayerMixin))
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).logits, frozen_logits)
@@ -127,7 +144,7 @@ def test_bake_then_reload_reproduces_the_frozen_forward_bit_identically(tiny_che
 @pytest.mark.slow
 def test_compiled_tracking_matches_eager():
     """GPUs run tracking and freezing of all layers as one compiled graph (`advance`, in-place state updates);
-    it must leave the same states and frozen masks as the eager run. Checked with the CPU backend."""
+    it must leave the same states and frozen codes as the eager run. Checked with the CPU backend."""
     from hf_qvar.oscillation import advance
 
     g = torch.Generator().manual_seed(0)
@@ -145,22 +162,22 @@ def test_compiled_tracking_matches_eager():
     for name, state in final[0].items():
         for field, value in state.items():
             torch.testing.assert_close(final[1][name][field], value, msg=f"{name}.{field}")
-    assert any(s["frozen_mask"].any() for s in final[0].values())
+    assert any(is_frozen(s["frozen_codes"], LSQWeightQuantizer(4).qn).any() for s in final[0].values())
 
 
-def test_latent_tensor_reader_sees_replaced_parameters_and_new_frozen_masks():
-    """What the CUDA graphs of tracking and OBR are keyed on: the current weight, step size and frozen mask
+def test_latent_tensor_reader_sees_replaced_parameters_and_new_frozen_codes():
+    """What the CUDA graphs of tracking and OBR are keyed on: the current weight, step size and frozen codes
     objects, looked up on every call (a checkpoint loader may swap Parameters)."""
     from hf_qvar.nn.qlinear import latent_tensor_reader
 
     layer = _Model([0.0, 1.0]).layer
-    read = latent_tensor_reader([layer], frozen_masks=True)
+    read = latent_tensor_reader([layer], frozen_codes=True)
     assert [t is s for t, s in zip(read(), (layer.weight, layer.weight_quantizer.step_size))] == [True, True]
-    assert len(read()) == 2  # no frozen mask yet
+    assert len(read()) == 2  # no frozen codes yet
     layer.weight = torch.nn.Parameter(torch.ones(1, 2))
     layer.weight_quantizer.step_size = torch.nn.Parameter(torch.full((1,), 0.5))
-    layer.weight_quantizer.frozen_mask = torch.zeros(1, 2, dtype=torch.bool)
-    weight, step, mask = read()
+    layer.weight_quantizer.frozen_codes = layer.weight_quantizer.unfrozen_codes(layer.weight)
+    weight, step, frozen = read()
     assert weight is layer.weight and step is layer.weight_quantizer.step_size
-    assert mask is layer.weight_quantizer.frozen_mask
-    assert len(latent_tensor_reader([layer])()) == 2  # frozen masks only when asked for
+    assert frozen is layer.weight_quantizer.frozen_codes
+    assert len(latent_tensor_reader([layer])()) == 2  # frozen codes only when asked for

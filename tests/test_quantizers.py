@@ -271,7 +271,7 @@ def test_frozen_weights_keep_code_and_get_no_gradient():
     quantizer.initialize(w)
     mask = torch.zeros(4, 6, dtype=torch.bool)
     mask[0] = True
-    quantizer.frozen_mask, quantizer.frozen_codes = mask, torch.ones(4, 6)
+    quantizer.freeze(w, mask, torch.ones(4, 6))
     out = quantizer(w)
     out.sum().backward()
     assert torch.equal(out[0], quantizer.step_size.detach().expand(6))
@@ -279,7 +279,7 @@ def test_frozen_weights_keep_code_and_get_no_gradient():
     # The step gradient of frozen weights (their code, 1 each) carries the same L1 gradient scale.
     step_grad = quantizer.step_size.grad.clone()
     quantizer.step_size.grad = None
-    quantizer.frozen_mask = None
+    quantizer.frozen_codes = None
     reference = quantizer(w.detach())
     reference[1:].sum().backward()
     expected = step_grad - 6 * quantizer.grad_scale(w.detach()).flatten()[0]

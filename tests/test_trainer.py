@@ -200,7 +200,8 @@ class CodeRecorder(TrainerCallback):
             value = self.layer.quantized_weight()
             self.values.append(value.clone())
             self.codes.append(torch.round(value / q.step(self.layer.weight)))
-        self.masks.append(q.frozen_mask.clone() if q.frozen_mask is not None else torch.zeros_like(value, dtype=torch.bool))
+        frozen = q.frozen_mask()
+        self.masks.append(frozen if frozen is not None else torch.zeros_like(value, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("train_steps", [False, True])
@@ -280,7 +281,7 @@ def test_two_ddp_processes_match_one_process_with_accumulation(tmp_path):
     assert len(digests) == 2 and digests[0] == digests[1], f"quantizer state differs between ranks: {digests}"
 
 
-def test_quantizer_state_digest_sees_step_sizes_and_frozen_masks(ckpt):
+def test_quantizer_state_digest_sees_step_sizes_and_frozen_codes(ckpt):
     from hf_qvar.trainer import quantizer_state_digest
 
     a, b = student(ckpt["student"]), student(ckpt["student"])
@@ -291,8 +292,7 @@ def test_quantizer_state_digest_sees_step_sizes_and_frozen_masks(ckpt):
     assert quantizer_state_digest(a) != quantizer_state_digest(b)
     c = student(ckpt["student"])
     q = next(m for m in c.modules() if isinstance(m, QuantizedLayerMixin)).weight_quantizer
-    q.frozen_mask = torch.zeros_like(layer.weight, dtype=torch.bool)
-    q.frozen_codes = torch.zeros_like(layer.weight, dtype=torch.int8)
+    q.frozen_codes = q.unfrozen_codes(layer.weight)
     before = quantizer_state_digest(c)
-    q.frozen_mask[0, 0] = True
+    q.frozen_codes[0, 0] = 0
     assert quantizer_state_digest(c) != before

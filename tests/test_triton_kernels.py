@@ -38,7 +38,8 @@ def _case(name: str, dtype=torch.float32):
     frozen = None
     if name == "weight_frozen":
         mask = torch.rand(x_shape, generator=g) < 0.3
-        frozen = (mask, torch.randint(qn, qp + 1, x_shape, generator=g).to(torch.int8))
+        codes = torch.randint(qn, qp + 1, x_shape, generator=g)
+        frozen = torch.where(mask, codes, F.unfrozen_code(qn)).to(F.frozen_codes_dtype(qn))
     return x, step, offset, qn, qp, name.startswith("binary"), frozen
 
 
@@ -62,8 +63,7 @@ def _forward(x, step, offset, qn, qp, binary, frozen, name):
     if binary:
         return F.signed_binarize(x, step, 0.5)
     grad_scale, l1_group_size = _scales(name)
-    return F.lsq_fake_quantize(x, step, grad_scale, qn, qp, offset, *(frozen or (None, None)),
-                               l1_group_size=l1_group_size)
+    return F.lsq_fake_quantize(x, step, grad_scale, qn, qp, offset, frozen, l1_group_size=l1_group_size)
 
 
 CASES = ["weight_tensor", "weight_channel", "act_tensor", "act_channel", "act_offset", "binary_tensor",
@@ -78,11 +78,10 @@ def test_kernels_match_reference(name, dtype):
     expected = _through_autograd(x, step, offset, qn, qp, binary, frozen, grad_out, name)
 
     on = lambda t: t.to(DEVICE) if t is not None else None  # noqa: E731
-    mask, codes = (on(frozen[0]), on(frozen[1])) if frozen else (None, None)
-    out = kernels.fake_quantize_forward(on(x), on(step), on(offset), qn, qp, mask, codes, binary=binary)
+    out = kernels.fake_quantize_forward(on(x), on(step), on(offset), qn, qp, on(frozen), binary=binary)
     grad_scale, l1_group_size = _scales(name)
     grad_x, grad_step, grad_offset = kernels.fake_quantize_backward(
-        on(grad_out), on(x), on(step), on(offset), qn, qp, mask, codes, binary=binary, grad_scale=grad_scale,
+        on(grad_out), on(x), on(step), on(offset), qn, qp, on(frozen), binary=binary, grad_scale=grad_scale,
         l1_group_size=l1_group_size)
 
     assert out.dtype == x.dtype
@@ -116,7 +115,7 @@ def test_autograd_functions_use_the_kernels_on_gpu(name, autocast, monkeypatch):
     x, step, offset, qn, qp, binary, frozen = _case(name, torch.float32 if autocast else torch.bfloat16)
     x, step = x.cuda(), step.cuda()
     offset = offset.cuda() if offset is not None else None
-    frozen = (frozen[0].cuda(), frozen[1].cuda()) if frozen else None
+    frozen = frozen.cuda() if frozen is not None else None
     assert kernels.fused_layout(x, step, offset) is not None
     grad_out = torch.randn_like(x)
     fused = _through_autograd(x, step, offset, qn, qp, binary, frozen, grad_out, name, autocast)

@@ -106,9 +106,9 @@ class QConv2d(QuantizedLayerMixin, nn.Conv2d):
         return self._quantized_forward(x, lambda inp, w: self._conv_forward(inp, w, self.bias))
 
 
-def latent_tensor_reader(layers: list[QuantizedLayerMixin], frozen_masks: bool = False
+def latent_tensor_reader(layers: list[QuantizedLayerMixin], frozen_codes: bool = False
                          ) -> Callable[[], list[torch.Tensor]]:
-    """A function listing the layers' current weights and step sizes (and frozen masks): what OBR's and the
+    """A function listing the layers' current weights and step sizes (and frozen codes): what OBR's and the
     tracker's CUDA graphs touch, checked before every replay. It reads parameter dicts directly, because
     ``nn.Module`` attribute access costs ~0.6 µs per tensor, ~0.5 ms per BERT-base step. Weight quantizer modules
     are taken as they are now; the weight and step-size Parameters are looked up on every call."""
@@ -117,8 +117,8 @@ def latent_tensor_reader(layers: list[QuantizedLayerMixin], frozen_masks: bool =
     def read() -> list[torch.Tensor]:
         tensors = [params["weight"] for params, _ in sources]
         tensors += [q._parameters["step_size"] for _, q in sources if "step_size" in q._parameters]
-        if frozen_masks:
-            tensors += [q.frozen_mask for _, q in sources if q.frozen_mask is not None]
+        if frozen_codes:
+            tensors += [q.frozen_codes for _, q in sources if q.frozen_codes is not None]
         return tensors
 
     return read

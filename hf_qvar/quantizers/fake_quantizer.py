@@ -130,7 +130,29 @@ class FakeQuantizer(nn.Module):
         return f"bits={self.bits}, {sign}, granularity={self.granularity}"
 
 
-class LSQWeightQuantizer(FakeQuantizer):
+class WeightFreezing:
+    """Oscillation freezing's state on a weight quantizer: ``frozen_codes`` (None: nothing frozen) holds each frozen
+    weight's integer code and `functional.unfrozen_code` elsewhere; the forward holds frozen weights there."""
+
+    qn: int
+    frozen_codes: torch.Tensor | None
+
+    def unfrozen_codes(self, weight: torch.Tensor) -> torch.Tensor:
+        """A ``frozen_codes`` tensor for ``weight`` with nothing frozen yet."""
+        return torch.full_like(weight, F.unfrozen_code(self.qn), dtype=F.frozen_codes_dtype(self.qn),
+                               memory_format=torch.contiguous_format)
+
+    def freeze(self, weight: torch.Tensor, mask: torch.Tensor, codes: torch.Tensor) -> None:
+        """Hold the weights under ``mask`` at the integer ``codes`` from now on (on top of those already frozen)."""
+        current = self.frozen_codes if self.frozen_codes is not None else self.unfrozen_codes(weight)
+        self.frozen_codes = torch.where(mask, codes.to(current.dtype), current)
+
+    def frozen_mask(self) -> torch.Tensor | None:
+        """Which weights are frozen (None: none)."""
+        return None if self.frozen_codes is None else F.is_frozen(self.frozen_codes, self.qn)
+
+
+class LSQWeightQuantizer(WeightFreezing, FakeQuantizer):
     """Learnable-step weight quantizer (method.md §3.2).
 
     The step-size gradient is scaled by ``1/sqrt(‖W‖₁·Qp)`` (``l1``, the paper's form) or
@@ -141,8 +163,7 @@ class LSQWeightQuantizer(FakeQuantizer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.step_size = positive_step_parameter(self.num_groups)
-        self.frozen_mask: torch.Tensor | None = None
-        self.frozen_codes: torch.Tensor | None = None
+        self.frozen_codes: torch.Tensor | None = None  # see `WeightFreezing`
 
     @torch.no_grad()
     def initialize(self, weight: torch.Tensor) -> None:
@@ -176,17 +197,16 @@ class LSQWeightQuantizer(FakeQuantizer):
         # The L1 scale is computed in the backward (one fewer pass over the weight in the forward).
         l1 = self.gradient_scale == "l1"
         return F.lsq_fake_quantize(weight, self.step(weight), None if l1 else self.lsq_grad_scale(weight), self.qn,
-                                   self.qp, frozen_mask=self.frozen_mask, frozen_codes=self.frozen_codes,
+                                   self.qp, frozen_codes=self.frozen_codes,
                                    l1_group_size=self.l1_group_size if l1 else 0)
 
 
-class BinaryWeightQuantizer(FakeQuantizer):
+class BinaryWeightQuantizer(WeightFreezing, FakeQuantizer):
     """BWN binary weights: ``mean|W|·sign(W − mean W)`` per group, identity STE (BiT)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.frozen_mask: torch.Tensor | None = None
-        self.frozen_codes: torch.Tensor | None = None
+        self.frozen_codes: torch.Tensor | None = None  # see `WeightFreezing`
 
     def initialize(self, weight: torch.Tensor) -> None:
         """Nothing to learn: the scale follows the weights."""
@@ -209,7 +229,7 @@ class BinaryWeightQuantizer(FakeQuantizer):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         scale, center = self._stats(weight)
-        return F.binary_weight(weight, scale, center, self.frozen_mask, self.frozen_codes)
+        return F.binary_weight(weight, scale, center, self.frozen_codes)
 
 
 class _ActivationQuantizer(FakeQuantizer):

@@ -28,6 +28,23 @@ def unsigned_range(bits: int) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
+def unfrozen_code(qn: int) -> int:
+    """The code that marks a weight as not frozen in a ``frozen_codes`` tensor: one below the grid."""
+    return qn - 1
+
+
+def frozen_codes_dtype(qn: int) -> torch.dtype:
+    """The smallest integer dtype holding the grid ``[qn, …]`` and `unfrozen_code` (int16 only for 8 bits)."""
+    return torch.int8 if unfrozen_code(qn) >= -128 else torch.int16
+
+
+def is_frozen(frozen_codes: torch.Tensor, qn: int) -> torch.Tensor:
+    """Which weights oscillation freezing holds: a ``frozen_codes`` tensor holds each frozen weight's integer code
+    and `unfrozen_code` elsewhere (one tensor, not a mask and codes: half the inputs for compiled graphs and
+    kernel launches)."""
+    return frozen_codes >= qn
+
+
 def output_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a fake-quantized ``x`` is produced in: under autocast, fp32 sites go straight to the autocast
     dtype, which their consumer (a matmul) would cast them to anyway; the values are the same and the cast
@@ -65,24 +82,24 @@ class _LSQFakeQuantize(torch.autograd.Function):
     `l1_grad_scale` of ``x``: computed here in the backward, from the saved ``x``, so the forward of a weight
     quantizer is one kernel and the norm's reduction shares the backward's pass over ``x``.
 
-    Oscillation freezing (``frozen_mask``/``frozen_codes``): a frozen element outputs
+    Oscillation freezing (``frozen_codes``, see `is_frozen`): a frozen element outputs
     ``frozen_code·α``, gets no x-gradient and gives α the gradient ``frozen_code`` (scaled
     like the rest), all inside this one function instead of extra autograd ops per layer.
     """
 
     @staticmethod
-    def forward(ctx, x, step, offset, grad_scale: float | None, qn: int, qp: int, frozen_mask=None,
-                frozen_codes=None, l1_group_size: int = 0):
-        ctx.save_for_backward(x, step, offset, frozen_mask, frozen_codes)
+    def forward(ctx, x, step, offset, grad_scale: float | None, qn: int, qp: int, frozen_codes=None,
+                l1_group_size: int = 0):
+        ctx.save_for_backward(x, step, offset, frozen_codes)
         ctx.qn, ctx.qp, ctx.grad_scale, ctx.l1_group_size = qn, qp, grad_scale, l1_group_size
         ctx.axis = kernels.fused_layout(x, step, offset)
         if ctx.axis is not None:
-            return kernels.fake_quantize_forward(x, step, offset, qn, qp, frozen_mask, frozen_codes, axis=ctx.axis,
+            return kernels.fake_quantize_forward(x, step, offset, qn, qp, frozen_codes, axis=ctx.axis,
                                                  dtype=output_dtype(x))
         shifted = x if offset is None else x - offset
         q = torch.clamp(torch.round(shifted / step), qn, qp)
-        if frozen_mask is not None:
-            q = torch.where(frozen_mask, frozen_codes.to(q.dtype), q)
+        if frozen_codes is not None:
+            q = torch.where(is_frozen(frozen_codes, qn), frozen_codes.to(q.dtype), q)
         out = q * step
         if offset is not None:
             out = out + offset
@@ -90,21 +107,22 @@ class _LSQFakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, step, offset, frozen_mask, frozen_codes = ctx.saved_tensors
+        x, step, offset, frozen_codes = ctx.saved_tensors
         if ctx.axis is not None:
             grad_x, grad_step, grad_offset = kernels.fake_quantize_backward(
-                grad_out, x, step, offset, ctx.qn, ctx.qp, frozen_mask, frozen_codes, grad_scale=ctx.grad_scale,
+                grad_out, x, step, offset, ctx.qn, ctx.qp, frozen_codes, grad_scale=ctx.grad_scale,
                 l1_group_size=ctx.l1_group_size, axis=ctx.axis)
-            return grad_x, grad_step, grad_offset, None, None, None, None, None, None
+            return grad_x, grad_step, grad_offset, None, None, None, None, None
         shifted = x if offset is None else x - offset
         v = shifted / step
         inside = (v >= ctx.qn) & (v <= ctx.qp)
         q = torch.clamp(torch.round(v), ctx.qn, ctx.qp)
         # d x̂ / d α = q − v inside, q (= Qn or Qp) outside; the frozen code for frozen elements.
         d_step = torch.where(inside, q - v, q)
-        if frozen_mask is not None:
-            inside = inside & ~frozen_mask
-            d_step = torch.where(frozen_mask, frozen_codes.to(d_step.dtype), d_step)
+        if frozen_codes is not None:
+            frozen = is_frozen(frozen_codes, ctx.qn)
+            inside = inside & ~frozen
+            d_step = torch.where(frozen, frozen_codes.to(d_step.dtype), d_step)
         grad_x = grad_out * inside
         grad_scale = ctx.grad_scale if not ctx.l1_group_size else l1_grad_scale(x, step.shape, ctx.l1_group_size,
                                                                                  ctx.qp)
@@ -114,7 +132,7 @@ class _LSQFakeQuantize(torch.autograd.Function):
             # Summed in (at least) fp32, as the kernels do: bf16 sums would round the result.
             grad_offset = (grad_out.to(torch.promote_types(grad_out.dtype, torch.float32)) * (~inside)).sum_to_size(
                 offset.shape)
-        return grad_x, grad_step, grad_offset, None, None, None, None, None, None
+        return grad_x, grad_step, grad_offset, None, None, None, None, None
 
 
 class _SignedBinarize(torch.autograd.Function):
@@ -157,18 +175,19 @@ class _BinaryWeight(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, w, scale, center, frozen_mask=None, frozen_codes=None):
+    def forward(ctx, w, scale, center, frozen_codes=None):
         sign = torch.where(w >= center, 1.0, -1.0)
-        if frozen_mask is not None:
-            sign = torch.where(frozen_mask, frozen_codes.to(sign.dtype), sign)
-        ctx.save_for_backward(frozen_mask)
+        frozen = is_frozen(frozen_codes, -1) if frozen_codes is not None else None
+        if frozen is not None:
+            sign = torch.where(frozen, frozen_codes.to(sign.dtype), sign)
+        ctx.save_for_backward(frozen)
         return (sign * scale).to(output_dtype(w))
 
     @staticmethod
     def backward(ctx, grad_out):
-        (frozen_mask,) = ctx.saved_tensors
-        grad_w = grad_out if frozen_mask is None else grad_out * ~frozen_mask
-        return grad_w, None, None, None, None
+        (frozen,) = ctx.saved_tensors
+        grad_w = grad_out if frozen is None else grad_out * ~frozen
+        return grad_w, None, None, None
 
 
 def lsq_fake_quantize(
@@ -178,7 +197,6 @@ def lsq_fake_quantize(
     qn: int,
     qp: int,
     offset: torch.Tensor | None = None,
-    frozen_mask: torch.Tensor | None = None,
     frozen_codes: torch.Tensor | None = None,
     l1_group_size: int = 0,
 ) -> torch.Tensor:
@@ -190,7 +208,7 @@ def lsq_fake_quantize(
             f"Pass exactly one of `grad_scale` (got {grad_scale!r}) and a positive `l1_group_size` "
             f"(got {l1_group_size!r})."
         )
-    return _LSQFakeQuantize.apply(x, step, offset, grad_scale, qn, qp, frozen_mask, frozen_codes, l1_group_size)
+    return _LSQFakeQuantize.apply(x, step, offset, grad_scale, qn, qp, frozen_codes, l1_group_size)
 
 
 def signed_binarize(x: torch.Tensor, step: torch.Tensor, grad_scale: float) -> torch.Tensor:
@@ -202,12 +220,11 @@ def binary_weight(
     w: torch.Tensor,
     scale: torch.Tensor,
     center: torch.Tensor,
-    frozen_mask: torch.Tensor | None = None,
     frozen_codes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``scale·sign(w − center)`` with an identity straight-through gradient; frozen elements held at
     ``frozen_code·scale`` without gradient."""
-    return _BinaryWeight.apply(w, scale, center, frozen_mask, frozen_codes)
+    return _BinaryWeight.apply(w, scale, center, frozen_codes)
 
 
 def integer_codes(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.Tensor:

@@ -47,7 +47,7 @@ if HAS_TRITON:
         return r, c, r.to(tl.int64) * cols + c, (r < rows) & (c < cols)
 
     @triton.jit
-    def _codes(x_ptr, step_ptr, offset_ptr, mask_ptr, codes_ptr, r, c, idx, inb, rows, cols, qn, qp,
+    def _codes(x_ptr, step_ptr, offset_ptr, codes_ptr, r, c, idx, inb, rows, cols, qn, qp,
                STEP_AXIS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_FROZEN: tl.constexpr, BINARY: tl.constexpr):
         """Per element: the code q, α, β, whether the x-gradient passes (v = (x − β)/α inside the grid, for the
         binarizer |x/α| ≤ 1, never for frozen elements) and d x̂/dα: the quantities of `functional`'s backward."""
@@ -71,19 +71,19 @@ if HAS_TRITON:
             inside = (v >= qn) & (v <= qp)
             d_step = tl.where(inside, q - v, q)
         if HAS_FROZEN:
-            frozen = tl.load(mask_ptr + idx, mask=inb, other=0) != 0
             frozen_code = tl.load(codes_ptr + idx, mask=inb, other=0).to(tl.float32)
+            frozen = frozen_code >= qn  # `functional.is_frozen`
             q = tl.where(frozen, frozen_code, q)
             d_step = tl.where(frozen, frozen_code, d_step)
             inside = inside & ~frozen
         return q, step, beta, inside, d_step
 
     @triton.jit
-    def _forward_kernel(out_ptr, x_ptr, step_ptr, offset_ptr, mask_ptr, codes_ptr, rows, cols, qn, qp,
+    def _forward_kernel(out_ptr, x_ptr, step_ptr, offset_ptr, codes_ptr, rows, cols, qn, qp,
                         STEP_AXIS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_FROZEN: tl.constexpr,
                         BINARY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         r, c, idx, inb = _tile(tl.program_id(0), tl.program_id(1), rows, cols, BLOCK_R, BLOCK_C)
-        q, step, beta, _, _ = _codes(x_ptr, step_ptr, offset_ptr, mask_ptr, codes_ptr, r, c, idx, inb, rows, cols,
+        q, step, beta, _, _ = _codes(x_ptr, step_ptr, offset_ptr, codes_ptr, r, c, idx, inb, rows, cols,
                                      qn, qp, STEP_AXIS, HAS_OFFSET, HAS_FROZEN, BINARY)
         out = q * step
         if HAS_OFFSET:
@@ -92,12 +92,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _backward_kernel(grad_ptr, grad_x_ptr, step_sums_ptr, abs_sums_ptr, offset_sums_ptr, x_ptr, step_ptr,
-                         offset_ptr, mask_ptr, codes_ptr, rows, cols, qn, qp, STEP_AXIS: tl.constexpr,
+                         offset_ptr, codes_ptr, rows, cols, qn, qp, STEP_AXIS: tl.constexpr,
                          HAS_OFFSET: tl.constexpr, HAS_FROZEN: tl.constexpr, BINARY: tl.constexpr,
                          L1_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         pid_r, pid_c = tl.program_id(0), tl.program_id(1)
         r, c, idx, inb = _tile(pid_r, pid_c, rows, cols, BLOCK_R, BLOCK_C)
-        _, _, _, inside, d_step = _codes(x_ptr, step_ptr, offset_ptr, mask_ptr, codes_ptr, r, c, idx, inb, rows,
+        _, _, _, inside, d_step = _codes(x_ptr, step_ptr, offset_ptr, codes_ptr, r, c, idx, inb, rows,
                                          cols, qn, qp, STEP_AXIS, HAS_OFFSET, HAS_FROZEN, BINARY)
         grad = tl.load(grad_ptr + idx, mask=inb, other=0.0)
         tl.store(grad_x_ptr + idx, tl.where(inside, grad, 0.0).to(grad_x_ptr.dtype.element_ty), mask=inb)
@@ -205,33 +205,31 @@ def _geometry(x: torch.Tensor, axis: int) -> tuple[int, int, int, int, tuple[int
     return rows, cols, block_r, block_c, (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
 
 
-def _run(kernel, outputs: tuple, geometry: tuple, x, step, offset, qn: float, qp: float, frozen_mask, frozen_codes,
-         axis: int, binary: bool, **constants) -> None:
-    """Launch ``kernel`` with its ``outputs`` first, then the inputs both kernels share."""
+def _run(kernel, outputs: tuple, geometry: tuple, x, step, offset, qn: float, qp: float, frozen_codes, axis: int,
+        binary: bool, **constants) -> None:
+    """Launch ``kernel`` with its ``outputs`` first, then the inputs both kernels share (``frozen_codes``, laid out
+    like ``x``, as the oscillation tracker makes them)."""
     rows, cols, block_r, block_c, grid = geometry
-    mask, codes = x, x  # unused pointers without frozen elements
-    if frozen_mask is not None:
-        mask, codes = frozen_mask.contiguous().view(torch.uint8), frozen_codes.contiguous()
-    kernel[grid](*outputs, x, step.contiguous(), x if offset is None else offset, mask, codes, rows, cols, float(qn),
-                 float(qp), STEP_AXIS=axis, HAS_OFFSET=offset is not None, HAS_FROZEN=frozen_mask is not None,
+    kernel[grid](*outputs, x, step.contiguous(), x if offset is None else offset,
+                 x if frozen_codes is None else frozen_codes, rows, cols, float(qn),
+                 float(qp), STEP_AXIS=axis, HAS_OFFSET=offset is not None, HAS_FROZEN=frozen_codes is not None,
                  BINARY=binary, BLOCK_R=block_r, BLOCK_C=block_c, **constants,
                  # No fused multiply-add: ``q·α + β`` must round twice, as the reference's two ops do.
                  enable_fp_fusion=False)
 
 
-def fake_quantize_forward(x, step, offset, qn: float, qp: float, frozen_mask=None, frozen_codes=None,
+def fake_quantize_forward(x, step, offset, qn: float, qp: float, frozen_codes=None,
                           binary: bool = False, axis: int | None = None, dtype: torch.dtype | None = None
                           ) -> torch.Tensor:
     """``functional``'s forward value: LSQ (``binary=False``) or ``α·sign(x)`` (``binary=True``), in ``dtype``
     (default ``x.dtype``); ``axis`` as `fused_layout` returned it (computed when left out)."""
     axis = step_axis(x, step) if axis is None else axis
     out = torch.empty_like(x, dtype=dtype)
-    _run(_forward_kernel, (out,), _geometry(x, axis), x, step, offset, qn, qp, frozen_mask, frozen_codes, axis,
-         binary)
+    _run(_forward_kernel, (out,), _geometry(x, axis), x, step, offset, qn, qp, frozen_codes, axis, binary)
     return out
 
 
-def fake_quantize_backward(grad_out, x, step, offset, qn: float, qp: float, frozen_mask=None, frozen_codes=None,
+def fake_quantize_backward(grad_out, x, step, offset, qn: float, qp: float, frozen_codes=None,
                            binary: bool = False, grad_scale: float | None = 1.0, l1_group_size: int = 0,
                            axis: int | None = None):
     """``(grad_x, α-gradient shaped like step, β-gradient shaped like offset or None)``: α's gradient scaled by
@@ -247,7 +245,7 @@ def fake_quantize_backward(grad_out, x, step, offset, qn: float, qp: float, froz
     partials = torch.empty((2 if l1 else 1, tiles, n), device=x.device, dtype=torch.float32)
     offset_sums = torch.empty(grid, device=x.device, dtype=torch.float32) if offset is not None else partials
     _run(_backward_kernel, (grad_out, grad_x, partials[0], partials[-1], offset_sums), geometry, x, step, offset,
-         qn, qp, frozen_mask, frozen_codes, axis, binary, L1_SCALE=l1)
+         qn, qp, frozen_codes, axis, binary, L1_SCALE=l1)
     grad_step = torch.empty(step.shape, device=x.device, dtype=torch.float32)
     grad_offset = torch.empty(offset.shape, device=x.device, dtype=torch.float32) if offset is not None else grad_step
     per_entry = axis != ONE_STEP
