@@ -46,11 +46,13 @@ def is_frozen(frozen_codes: torch.Tensor, qn: int) -> torch.Tensor:
 
 
 def output_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a fake-quantized ``x`` is produced in: under autocast, fp32 sites go straight to the autocast
+    """The dtype a fake-quantized ``x`` is produced in: in eager autocast, fp32 sites go straight to the autocast
     dtype, which their consumer (a matmul) would cast them to anyway; the values are the same and the cast
-    kernel (one per weight each step) is saved. The backward's gradient reaches ``x`` in ``x.dtype``."""
+    kernel (one per weight each step) is saved. The backward's gradient reaches ``x`` in ``x.dtype``. Under
+    ``torch.compile`` the cast is left to Inductor, which fuses it: producing bf16 inside the function made the
+    GPU-bound BERT-base W4A4 step (CUDA graphs) 13.7 → 15.6 ms on the H100."""
     device = x.device.type
-    if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(device) and not torch.compiler.is_compiling():
         return torch.get_autocast_dtype(device)
     return x.dtype
 
