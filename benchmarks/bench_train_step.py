@@ -127,6 +127,16 @@ def time_steps(model, batch: dict, compiled: bool, warmup: int, iters: int,
     return timed(training_step(forward, optimizer, batch), warmup, iters)
 
 
+def add_fp_ratios(rows: list[dict]) -> None:
+    """``time_vs_fp`` and ``memory_vs_fp`` of every row against the full-precision row of its model and mode;
+    None where the run did not time full precision in that mode."""
+    for row in rows:
+        fp = next((r for r in rows if r["model"] == row["model"] and r["mode"] == row["mode"] and r["variant"] == "fp"),
+                  None)
+        row["time_vs_fp"] = round(row["step_ms"] / fp["step_ms"], 3) if fp else None
+        row["memory_vs_fp"] = round(row["peak_gib"] / fp["peak_gib"], 3) if fp else None
+
+
 def parse_inductor_settings(settings: list[str], parser: argparse.ArgumentParser) -> dict[str, object]:
     """Apply ``KEY=VALUE`` pairs (VALUE a Python literal) to ``torch._inductor.config``; returns them."""
     import ast
@@ -188,17 +198,15 @@ def main(argv: list[str] | None = None) -> None:
                         f.write(json.dumps(rows[-1]) + "\n")
                 del model
                 torch.cuda.empty_cache()
-    for row in rows:
-        fp = next(r for r in rows if r["model"] == row["model"] and r["mode"] == row["mode"] and r["variant"] == "fp")
-        row["time_vs_fp"] = round(row["step_ms"] / fp["step_ms"], 3)
-        row["memory_vs_fp"] = round(row["peak_gib"] / fp["peak_gib"], 3)
+    add_fp_ratios(rows)
     result = dict(provenance(), inductor=inductor_settings, rows=rows)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"{'model':10} {'mode':24} {'variant':11} {'ms':>8} {'x FP':>6} {'GiB':>6} {'mem x':>6}")
     for r in rows:
-        print(f"{r['model']:10} {r['mode']:24} {r['variant']:11} {r['step_ms']:8.2f} {r['time_vs_fp']:6.2f} "
-              f"{r['peak_gib']:6.2f} {r['memory_vs_fp']:6.2f}")
+        ratios = [f"{v:6.2f}" if v is not None else f"{'-':>6}" for v in (r["time_vs_fp"], r["memory_vs_fp"])]
+        print(f"{r['model']:10} {r['mode']:24} {r['variant']:11} {r['step_ms']:8.2f} {ratios[0]} "
+              f"{r['peak_gib']:6.2f} {ratios[1]}")
 
 
 if __name__ == "__main__":

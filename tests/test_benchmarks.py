@@ -88,3 +88,14 @@ def test_median_confidence_interval_covers_the_median_with_95_percent_probabilit
         below = sum(math.comb(n, k) for k in range(j)) / 2**n  # P(fewer than j of n rounds fall below the median)
         assert 0.95 <= 1 - 2 * below < 0.99, n
     assert median_ci([1.0, 2.0, 3.0]) == (1.0, 3.0)
+
+
+def test_train_step_ratios_need_a_full_precision_row_of_the_same_model_and_mode():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench_train_step import add_fp_ratios
+
+    rows = [dict(model="bert-base", mode="eager", variant="fp", step_ms=10.0, peak_gib=2.0),
+            dict(model="bert-base", mode="eager", variant="w4a4", step_ms=15.0, peak_gib=2.5),
+            dict(model="bert-base", mode="compiled:default", variant="w4a4", step_ms=12.0, peak_gib=2.5)]
+    add_fp_ratios(rows)
+    assert [(r["time_vs_fp"], r["memory_vs_fp"]) for r in rows] == [(1.0, 1.0), (1.5, 1.25), (None, None)]
