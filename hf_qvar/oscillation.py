@@ -169,7 +169,8 @@ class OscillationTracker:
         if not self.initialized:
             return {}
         counts = torch.stack([
-            torch.stack([(s["frequency"] > self.threshold).sum(), is_frozen(s["frozen_codes"], layer.weight_quantizer.qn).sum()])
+            torch.stack([(s["frequency"] > self.threshold).sum(),
+                         is_frozen(s["frozen_codes"], layer.weight_quantizer.qn).sum()])
             for layer, s in zip(self.layers.values(), self.state.values())
         ]).tolist()  # one host sync for every layer
         out: dict[str, float] = {}
