@@ -233,7 +233,8 @@ def fake_quantize_backward(grad_out, x, step, offset, qn: float, qp: float, froz
                            binary: bool = False, grad_scale: float | None = 1.0, l1_group_size: int = 0,
                            axis: int | None = None):
     """``(grad_x, α-gradient shaped like step, β-gradient shaped like offset or None)``: α's gradient scaled by
-    ``grad_scale``, or by `functional.l1_grad_scale` of ``x`` when ``l1_group_size > 0``. Two launches."""
+    ``grad_scale``, or by `functional.l1_grad_scale` of ``x`` when ``l1_group_size > 0``. Two launches. Step and
+    offset are fp32 (as `fused_layout` requires), and so are their gradients."""
     axis = step_axis(x, step) if axis is None else axis
     geometry = _geometry(x, axis)
     rows, cols, _, _, grid = geometry
@@ -255,4 +256,4 @@ def fake_quantize_backward(grad_out, x, step, offset, qn: float, qp: float, froz
         grad_step, grad_offset, partials[0], partials[-1], offset_sums, tiles, n, group_size, offset_sums.numel(),
         1.0 if l1 else float(grad_scale), float(qp), PER_ENTRY=per_entry, L1_SCALE=l1, HAS_OFFSET=offset is not None,
         BLOCK=block)
-    return grad_x, grad_step.to(step.dtype), grad_offset.to(offset.dtype) if offset is not None else None
+    return grad_x, grad_step, grad_offset if offset is not None else None
