@@ -135,7 +135,7 @@ class WeightFreezing:
     weight's integer code and `functional.unfrozen_code` elsewhere; the forward holds frozen weights there."""
 
     qn: int
-    frozen_codes: torch.Tensor | None
+    frozen_codes: torch.Tensor | None = None  # set per instance by `freeze` or the oscillation tracker
 
     def unfrozen_codes(self, weight: torch.Tensor) -> torch.Tensor:
         """A ``frozen_codes`` tensor for ``weight`` with nothing frozen yet."""
@@ -163,7 +163,6 @@ class LSQWeightQuantizer(WeightFreezing, FakeQuantizer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.step_size = positive_step_parameter(self.num_groups)
-        self.frozen_codes: torch.Tensor | None = None  # see `WeightFreezing`
 
     @torch.no_grad()
     def initialize(self, weight: torch.Tensor) -> None:
@@ -203,10 +202,6 @@ class LSQWeightQuantizer(WeightFreezing, FakeQuantizer):
 
 class BinaryWeightQuantizer(WeightFreezing, FakeQuantizer):
     """BWN binary weights: ``mean|W|·sign(W − mean W)`` per group, identity STE (BiT)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.frozen_codes: torch.Tensor | None = None  # see `WeightFreezing`
 
     def initialize(self, weight: torch.Tensor) -> None:
         """Nothing to learn: the scale follows the weights."""
