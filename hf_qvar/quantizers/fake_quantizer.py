@@ -183,7 +183,7 @@ class LSQWeightQuantizer(WeightFreezing, FakeQuantizer):
 
     def lsq_grad_scale(self, weight: torch.Tensor, lead: int = 0) -> float:
         """Classic LSQ's ``1/sqrt(N·Qp)``, ``N`` the weights per group: a number, fixed by the shape."""
-        return 1.0 / math.sqrt(weight[(0,) * lead].numel() / self.num_groups * self.qp)
+        return 1.0 / math.sqrt(math.prod(weight.shape[lead:]) / self.num_groups * self.qp)
 
     def grad_scale(self, weight: torch.Tensor, lead: int = 0) -> torch.Tensor | float:
         """The step-size gradient scale per group, broadcast onto ``weight`` (``lead`` stacked layers first)."""
