@@ -127,6 +127,11 @@ def time_steps(model, batch: dict, compiled: bool, warmup: int, iters: int,
     return timed(training_step(forward, optimizer, batch), warmup, iters)
 
 
+def mode_label(mode: str, compile_mode: str | None) -> str:
+    """How a row names its mode: ``eager``/``eager-reference``, or ``compiled:<torch.compile mode>``."""
+    return mode if mode.startswith("eager") else f"compiled:{compile_mode or 'default'}"
+
+
 def add_fp_ratios(rows: list[dict]) -> None:
     """``time_vs_fp`` and ``memory_vs_fp`` of every row against the full-precision row of its model and mode;
     None where the run did not time full precision in that mode."""
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
                 t0 = time.time()
                 os.environ[TRITON_SWITCH] = "0" if mode == "eager-reference" else "1"
                 ms, iqr, peak = time_steps(model, batch, mode == "compiled", args.warmup, args.iters, args.compile_mode)
-                label = mode if mode.startswith("eager") else f"compiled:{args.compile_mode or 'default'}"
+                label = mode_label(mode, args.compile_mode)
                 if mode == "compiled" and args.inductor:
                     label += "+" + "+".join(args.inductor)
                 rows.append(dict(model=name, mode=label, variant=variant, batch=batch_size, step_ms=round(ms, 3),

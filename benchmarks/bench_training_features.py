@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from bench_train_step import build, calibrate, make_batch, provenance, training_step
+from bench_train_step import build, calibrate, make_batch, mode_label, provenance, training_step
 from hf_qvar.obr import OBRGradient, obr_loss
 from hf_qvar.oscillation import OscillationTracker, quantized_weight_layers
 
@@ -139,7 +139,7 @@ def main() -> None:
                                                                     for f, t in times.items()})), flush=True)
         for features in variants:
             rows.append(dict(model="bert-base", batch=32, seq=128, bits=bits,
-                             mode=args.mode if args.mode == "eager" else f"compiled:{args.compile_mode or 'default'}",
+                             mode=mode_label(args.mode, args.compile_mode),
                              features="+".join(features), base_ms=round(statistics.median(times[()]), 3),
                              ms=round(statistics.median(times[features]), 3),
                              **overhead_stats("overhead", times[features], times[()]),
