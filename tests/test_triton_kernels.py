@@ -126,3 +126,32 @@ def test_autograd_functions_use_the_kernels_on_gpu(name, autocast, monkeypatch):
     for got, want in zip(fused[2:], plain[2:]):
         if want is not None:
             torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("name", ["act_tensor", "act_channel", "act_offset", "binary_tensor", "binary_channel"])
+def test_fused_linear_with_kernels_matches_the_reference_ops(name, monkeypatch):
+    """`functional.fake_quantized_linear` on the kernels (the CPU interpreter, or the GPU) against the same
+    function on the reference ops (``HF_QVAR_TRITON=0``), including the backward's recomputed quantized input."""
+    x, step, offset, qn, qp, binary, _ = _case(name)
+    on = lambda t: t.to(DEVICE).requires_grad_() if t is not None else None  # noqa: E731
+    g = torch.Generator().manual_seed(2)
+    weight, bias = torch.randn(7, x.shape[-1], generator=g), torch.randn(7, generator=g)
+    grad_out = torch.randn(*x.shape[:-1], 7, generator=g).to(DEVICE)
+
+    def run():
+        leaves = [on(t) for t in (x, weight, bias, step, offset)]
+        out = F.fake_quantized_linear(*leaves, 0.5, qn, qp, binary=binary)
+        out.backward(grad_out)
+        return [out.detach()] + [t.grad for t in leaves if t is not None]
+
+    if DEVICE == "cpu":  # take the kernels for CPU tensors too: they run in the interpreter
+        monkeypatch.setattr(kernels, "fused_layout", lambda x, step, offset=None: kernels.step_axis(x, step))
+    assert kernels.fused_layout(x.to(DEVICE), step.to(DEVICE), offset) is not None
+    fused = run()
+    monkeypatch.undo()
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    assert kernels.fused_layout(x.to(DEVICE), step.to(DEVICE), offset) is None
+    plain = run()
+    for got, want, what in zip(fused, plain, ("output", "x", "weight", "bias", "step", "offset")):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=what)
+    assert torch.equal(fused[1], plain[1]), "the x-gradient's straight-through mask differs"

@@ -82,7 +82,12 @@ class QLinear(QuantizedLayerMixin, nn.Linear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._quantized_forward(x, lambda inp, w: F.linear(inp, w, self.bias))
+        if self.input_quantizer is None or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            # Without autograd nothing is kept; under torch.compile Inductor picks what to keep and recompute.
+            return self._quantized_forward(x, lambda inp, w: F.linear(inp, w, self.bias))
+        # Eager training: one function for input quantizer and matmul keeps x but not its quantized copy.
+        out = self.input_quantizer.linear(x, self.quantized_weight(), self.bias)
+        return out if self.output_quantizer is None else self.output_quantizer(out)
 
 
 class QConv2d(QuantizedLayerMixin, nn.Conv2d):

@@ -236,6 +236,7 @@ class _ActivationQuantizer(FakeQuantizer):
     """
 
     channel_axis = -1
+    binary: bool  # α·sign(x) (`functional.signed_binarize`) rather than LSQ
 
     def __init__(self, *args, offset: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -265,10 +266,19 @@ class _ActivationQuantizer(FakeQuantizer):
         n = x.numel() / self.num_groups
         return 1.0 / (math.sqrt(n) * self.qp) if self.gradient_scale == "l1" else 1.0 / math.sqrt(n * self.qp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _step(self, x: torch.Tensor) -> torch.Tensor:
         if not self._calibrated:
             self.calibrate(x)
-        return self.quantize(x, self.expand(self.step_size, x.ndim))
+        return self.expand(self.step_size, x.ndim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantize(x, self._step(x))
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``F.linear(self(x), weight, bias)``, keeping ``x`` but not its quantized copy for the backward
+        (`functional.fake_quantized_linear`)."""
+        return F.fake_quantized_linear(x, weight, bias, self._step(x), self.offset, self.grad_scale(x), self.qn,
+                                       self.qp, binary=self.binary)
 
     def quantize(self, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -277,12 +287,16 @@ class _ActivationQuantizer(FakeQuantizer):
 class LSQActivationQuantizer(_ActivationQuantizer):
     """LSQ activation quantizer; with ``offset=True`` the LSQ+ learnable offset β (post-GELU sites)."""
 
+    binary = False
+
     def quantize(self, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         return F.lsq_fake_quantize(x, step, self.grad_scale(x), self.qn, self.qp, self.offset)
 
 
 class BinaryActivationQuantizer(_ActivationQuantizer):
     """Signed elastic binary activation ``α·sign(x)`` with a learnable α (BiT)."""
+
+    binary = True
 
     def quantize(self, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         return F.signed_binarize(x, step, self.grad_scale(x))

@@ -70,13 +70,69 @@ def l1_grad_scale(x: torch.Tensor, step_shape: torch.Size, group_size: int, qp: 
         return torch.rsqrt(l1.clamp_min(1e-12) * qp)
 
 
-class _LSQFakeQuantize(torch.autograd.Function):
-    """LSQ / LSQ+ fake quantization with a straight-through round.
+def fake_quantize_values(x, step, offset, qn: int, qp: int, frozen_codes=None, binary: bool = False,
+                         axis: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The forward value of `lsq_fake_quantize` (``binary=False``) or `signed_binarize` (``binary=True``), in
+    ``dtype`` (default `output_dtype`), without autograd: the fused kernels when ``axis`` (from
+    `triton_kernels.fused_layout`) is given, the reference ops otherwise."""
+    dtype = output_dtype(x) if dtype is None else dtype
+    if axis is not None:
+        return kernels.fake_quantize_forward(x, step, offset, qn, qp, frozen_codes, binary=binary, axis=axis,
+                                             dtype=dtype)
+    if binary:
+        return (torch.where(x >= 0, 1.0, -1.0).to(x.dtype) * step).to(dtype)
+    shifted = x if offset is None else x - offset
+    q = torch.clamp(torch.round(shifted / step), qn, qp)
+    if frozen_codes is not None:
+        q = torch.where(is_frozen(frozen_codes, qn), frozen_codes.to(q.dtype), q)
+    out = q * step
+    if offset is not None:
+        out = out + offset
+    return out.to(dtype)
 
-    Gradients (Esser et al. 2020; LSQ+ for the offset):
+
+def fake_quantize_grads(grad_out, x, step, offset, qn: int, qp: int, frozen_codes=None, binary: bool = False,
+                        grad_scale=None, l1_group_size: int = 0, axis: int | None = None):
+    """``(grad_x, grad_step, grad_offset)`` of `fake_quantize_values` given the gradient of its output (see
+    `_FakeQuantize` for the formulas), without autograd; kernels or reference ops as for the values."""
+    if axis is not None:
+        return kernels.fake_quantize_backward(grad_out, x, step, offset, qn, qp, frozen_codes, binary=binary,
+                                              grad_scale=grad_scale, l1_group_size=l1_group_size, axis=axis)
+    if binary:
+        sign = torch.where(x >= 0, 1.0, -1.0)  # fp32: the α-gradient is summed in fp32, as the kernels do
+        grad_x = grad_out * ((x / step).abs() <= 1)
+        return grad_x, (grad_out * sign).sum_to_size(step.shape) * grad_scale, None
+    shifted = x if offset is None else x - offset
+    v = shifted / step
+    inside = (v >= qn) & (v <= qp)
+    q = torch.clamp(torch.round(v), qn, qp)
+    # d x̂ / d α = q − v inside, q (= Qn or Qp) outside; the frozen code for frozen elements.
+    d_step = torch.where(inside, q - v, q)
+    if frozen_codes is not None:
+        frozen = is_frozen(frozen_codes, qn)
+        inside = inside & ~frozen
+        d_step = torch.where(frozen, frozen_codes.to(d_step.dtype), d_step)
+    grad_x = grad_out * inside
+    if l1_group_size:
+        grad_scale = l1_grad_scale(x, step.shape, l1_group_size, qp)
+    grad_step = (grad_out * d_step).sum_to_size(step.shape) * grad_scale
+    grad_offset = None
+    if offset is not None:
+        # Summed in (at least) fp32, as the kernels do: bf16 sums would round the result.
+        grad_offset = (grad_out.to(torch.promote_types(grad_out.dtype, torch.float32)) * (~inside)).sum_to_size(
+            offset.shape)
+    return grad_x, grad_step, grad_offset
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """LSQ / LSQ+ fake quantization with a straight-through round, or BiT's elastic binarizer (``binary``).
+
+    LSQ gradients (Esser et al. 2020; LSQ+ for the offset):
       * x: passes through inside ``[Qn, Qp]``, zero where clipped;
       * α: ``round(v) − v`` inside, ``Qn``/``Qp`` where clipped, times ``grad_scale``;
       * β: one where clipped, zero inside (no gradient scale, as the reference code).
+    Binarizer ``x̂ = α·sign(x)`` (Liu et al. 2022): x passes where ``|x/α| ≤ 1``; α gets ``Σ sign(x)·grad``,
+    times ``grad_scale``.
     ``step`` and ``offset`` may be any shape that broadcasts against ``x``; their
     gradients are summed back to that shape.
 
@@ -90,82 +146,55 @@ class _LSQFakeQuantize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, step, offset, grad_scale: float | None, qn: int, qp: int, frozen_codes=None,
-                l1_group_size: int = 0):
+    def forward(ctx, x, step, offset, grad_scale, qn: int, qp: int, frozen_codes=None, l1_group_size: int = 0,
+                binary: bool = False):
         ctx.save_for_backward(x, step, offset, frozen_codes)
-        ctx.qn, ctx.qp, ctx.grad_scale, ctx.l1_group_size = qn, qp, grad_scale, l1_group_size
+        ctx.args = qn, qp, binary, grad_scale, l1_group_size
         ctx.axis = kernels.fused_layout(x, step, offset)
-        if ctx.axis is not None:
-            return kernels.fake_quantize_forward(x, step, offset, qn, qp, frozen_codes, axis=ctx.axis,
-                                                 dtype=output_dtype(x))
-        shifted = x if offset is None else x - offset
-        q = torch.clamp(torch.round(shifted / step), qn, qp)
-        if frozen_codes is not None:
-            q = torch.where(is_frozen(frozen_codes, qn), frozen_codes.to(q.dtype), q)
-        out = q * step
-        if offset is not None:
-            out = out + offset
-        return out.to(output_dtype(x))
+        return fake_quantize_values(x, step, offset, qn, qp, frozen_codes, binary, ctx.axis)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, step, offset, frozen_codes = ctx.saved_tensors
-        if ctx.axis is not None:
-            grad_x, grad_step, grad_offset = kernels.fake_quantize_backward(
-                grad_out, x, step, offset, ctx.qn, ctx.qp, frozen_codes, grad_scale=ctx.grad_scale,
-                l1_group_size=ctx.l1_group_size, axis=ctx.axis)
-            return grad_x, grad_step, grad_offset, None, None, None, None, None
-        shifted = x if offset is None else x - offset
-        v = shifted / step
-        inside = (v >= ctx.qn) & (v <= ctx.qp)
-        q = torch.clamp(torch.round(v), ctx.qn, ctx.qp)
-        # d x̂ / d α = q − v inside, q (= Qn or Qp) outside; the frozen code for frozen elements.
-        d_step = torch.where(inside, q - v, q)
-        if frozen_codes is not None:
-            frozen = is_frozen(frozen_codes, ctx.qn)
-            inside = inside & ~frozen
-            d_step = torch.where(frozen, frozen_codes.to(d_step.dtype), d_step)
-        grad_x = grad_out * inside
-        grad_scale = ctx.grad_scale if not ctx.l1_group_size else l1_grad_scale(x, step.shape, ctx.l1_group_size,
-                                                                                 ctx.qp)
-        grad_step = (grad_out * d_step).sum_to_size(step.shape) * grad_scale
-        grad_offset = None
-        if offset is not None:
-            # Summed in (at least) fp32, as the kernels do: bf16 sums would round the result.
-            grad_offset = (grad_out.to(torch.promote_types(grad_out.dtype, torch.float32)) * (~inside)).sum_to_size(
-                offset.shape)
-        return grad_x, grad_step, grad_offset, None, None, None, None, None
+        qn, qp, binary, grad_scale, l1_group_size = ctx.args
+        grads = fake_quantize_grads(grad_out, x, step, offset, qn, qp, frozen_codes, binary, grad_scale,
+                                    l1_group_size, ctx.axis)
+        return *grads, None, None, None, None, None, None
 
 
-class _SignedBinarize(torch.autograd.Function):
-    """Elastic binary activation ``x̂ = α·sign(x)`` (BiT, Liu et al. 2022).
+class _FakeQuantizedInputLinear(torch.autograd.Function):
+    """``F.linear(x̂, weight, bias)`` with ``x̂`` an activation fake-quantized as by `_FakeQuantize` (no freezing).
 
-    x-gradient is straight-through where ``|x/α| ≤ 1``; α-gradient is
-    ``Σ sign(x)·grad·grad_scale``.
-    """
+    Why one function: composed, the quantizer keeps ``x`` for its backward and the matmul keeps ``x̂``, two
+    activation-sized tensors per layer. Here only ``x`` is kept and ``x̂`` is recomputed in the backward (one
+    extra element-wise pass), which cut the eager peak memory of a quantized training step (see the README's
+    Performance section). Values and gradients are those of the composed ops, and are tested against them."""
 
     @staticmethod
-    def forward(ctx, x, step, grad_scale: float):
-        ctx.save_for_backward(x, step)
-        ctx.grad_scale = grad_scale
-        ctx.axis = kernels.fused_layout(x, step)
-        if ctx.axis is not None:
-            return kernels.fake_quantize_forward(x, step, None, -1, 1, binary=True, axis=ctx.axis,
-                                                 dtype=output_dtype(x))
-        sign = torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
-        return (sign * step).to(output_dtype(x))
+    def forward(ctx, x, weight, bias, step, offset, grad_scale, qn: int, qp: int, binary: bool):
+        ctx.axis = kernels.fused_layout(x, step, offset)
+        quantized = fake_quantize_values(x, step, offset, qn, qp, None, binary, ctx.axis)
+        ctx.save_for_backward(x, weight, step, offset)
+        ctx.args = qn, qp, binary, grad_scale, quantized.dtype
+        return torch.nn.functional.linear(quantized, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, step = ctx.saved_tensors
-        if ctx.axis is not None:
-            grad_x, grad_step, _ = kernels.fake_quantize_backward(grad_out, x, step, None, -1, 1, binary=True,
-                                                                  grad_scale=ctx.grad_scale, axis=ctx.axis)
-            return grad_x, grad_step, None
-        sign = torch.where(x >= 0, 1.0, -1.0)  # fp32: the α-gradient is summed in fp32, as the kernels do
-        grad_x = grad_out * ((x / step).abs() <= 1)
-        grad_step = (grad_out * sign).sum_to_size(step.shape) * ctx.grad_scale
-        return grad_x, grad_step, None
+        x, weight, step, offset = ctx.saved_tensors
+        qn, qp, binary, grad_scale, dtype = ctx.args
+        needs_x, needs_weight, needs_bias, needs_step, needs_offset = ctx.needs_input_grad[:5]
+        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_weight = grad_bias = grad_x = grad_step = grad_offset = None
+        if needs_weight:
+            quantized = fake_quantize_values(x, step, offset, qn, qp, None, binary, ctx.axis, dtype)
+            grad_weight = grad_rows.t().mm(quantized.reshape(-1, quantized.shape[-1]))
+        if needs_bias:
+            grad_bias = grad_rows.sum(0)
+        if needs_x or needs_step or needs_offset:
+            grad_quantized = grad_out.matmul(weight.to(grad_out.dtype))
+            grad_x, grad_step, grad_offset = fake_quantize_grads(grad_quantized, x, step, offset, qn, qp, None,
+                                                                 binary, grad_scale, 0, ctx.axis)
+        return grad_x, grad_weight, grad_bias, grad_step, grad_offset, None, None, None, None
 
 
 class _BinaryWeight(torch.autograd.Function):
@@ -204,18 +233,34 @@ def lsq_fake_quantize(
 ) -> torch.Tensor:
     """Fake-quantize ``x`` on the grid ``step·[qn..qp] (+ offset)``, frozen elements held at their code; α's
     gradient scaled by ``grad_scale`` or, when ``l1_group_size > 0`` (``grad_scale`` None), by `l1_grad_scale`.
-    See `_LSQFakeQuantize`."""
+    See `_FakeQuantize`."""
     if (grad_scale is None) == (l1_group_size <= 0):
         raise ValueError(
             f"Pass exactly one of `grad_scale` (got {grad_scale!r}) and a positive `l1_group_size` "
             f"(got {l1_group_size!r})."
         )
-    return _LSQFakeQuantize.apply(x, step, offset, grad_scale, qn, qp, frozen_codes, l1_group_size)
+    return _FakeQuantize.apply(x, step, offset, grad_scale, qn, qp, frozen_codes, l1_group_size)
 
 
 def signed_binarize(x: torch.Tensor, step: torch.Tensor, grad_scale: float) -> torch.Tensor:
-    """``α·sign(x)`` with BiT's elastic gradients; see `_SignedBinarize`."""
-    return _SignedBinarize.apply(x, step, grad_scale)
+    """``α·sign(x)`` with BiT's elastic gradients; see `_FakeQuantize`."""
+    return _FakeQuantize.apply(x, step, None, grad_scale, -1, 1, None, 0, True)
+
+
+def fake_quantized_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    step: torch.Tensor,
+    offset: torch.Tensor | None,
+    grad_scale: float,
+    qn: int,
+    qp: int,
+    binary: bool = False,
+) -> torch.Tensor:
+    """``F.linear(q(x), weight, bias)`` for ``q`` = `lsq_fake_quantize` (or `signed_binarize` when ``binary``)
+    with the same values and gradients, but only ``x`` kept for the backward; see `_FakeQuantizedInputLinear`."""
+    return _FakeQuantizedInputLinear.apply(x, weight, bias, step, offset, grad_scale, qn, qp, binary)
 
 
 def binary_weight(
