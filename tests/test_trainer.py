@@ -259,7 +259,10 @@ def test_resume_ends_with_the_same_weights(ckpt, tmp_path):
 @pytest.mark.slow
 def test_two_ddp_processes_match_one_process_with_accumulation(tmp_path):
     script = str(REPO / "tests" / "accelerate_train_tiny.py")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # Not TRITON_INTERPRET (conftest sets it for the kernel tests): with it, rank 1 aborted at exit in 3 of 20 runs
+    # ("terminate called without an active exception", after training and saving), never in 20 runs without it.
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "PYTHONPATH": str(REPO),
+           "OMP_NUM_THREADS": "1"}
     single = [sys.executable, script, str(tmp_path / "one"), "--per_device_train_batch_size", "4",
               "--gradient_accumulation_steps", "2"]
     with socket.socket() as probe:  # a free port: the default 29500 may be taken on a shared CI machine
