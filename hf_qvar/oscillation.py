@@ -33,7 +33,7 @@ from .compile_utils import cuda_compiled
 from .cuda_graphs import GraphedStep
 from .nn.qlinear import QuantizedLayerMixin, latent_tensor_reader
 from .quantizers.fake_quantizer import BinaryWeightQuantizer
-from .quantizers.functional import is_frozen
+from .quantizers.functional import freeze_codes, hold_frozen, is_frozen
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def effective_codes(layer: QuantizedLayerMixin) -> torch.Tensor:
     quantizer = layer.weight_quantizer
     codes = quantizer.codes(layer.weight)
     if quantizer.frozen_codes is not None:
-        codes = torch.where(quantizer.frozen_mask(), quantizer.frozen_codes.to(codes.dtype), codes)
+        codes = hold_frozen(codes, quantizer.frozen_codes, quantizer.qn)
     return codes.float()
 
 
@@ -81,8 +81,7 @@ def freezing_step(quantizer: nn.Module, frequency: torch.Tensor, ema_codes: torc
                   threshold: float) -> None:
     """Freeze, in place, every weight not yet frozen whose frequency passed ``threshold`` at ``round(EMA)``."""
     newly = (frequency > threshold) & ~is_frozen(frozen_codes, quantizer.qn)
-    frozen_codes.copy_(torch.where(newly, _frozen_value_codes(quantizer, ema_codes).to(frozen_codes.dtype),
-                                   frozen_codes))
+    frozen_codes.copy_(freeze_codes(frozen_codes, newly, _frozen_value_codes(quantizer, ema_codes)))
 
 
 @cuda_compiled
@@ -205,7 +204,7 @@ class OscillationTracker:
             mask, codes = tensors.pop(f"{name}.frozen_mask", None), tensors.get(f"{name}.frozen_codes")
             if mask is not None and codes is not None:
                 unfrozen = layer.weight_quantizer.unfrozen_codes(codes)
-                tensors[f"{name}.frozen_codes"] = torch.where(mask, codes.to(unfrozen.dtype), unfrozen)
+                tensors[f"{name}.frozen_codes"] = freeze_codes(unfrozen, mask, codes)
         missing = [f"{n}.{f}" for n in self.layers for f in _FIELDS if f"{n}.{f}" not in tensors]
         unexpected = sorted({k.rsplit(".", 1)[0] for k in tensors} - set(self.layers))
         if missing or unexpected:

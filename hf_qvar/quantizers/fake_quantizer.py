@@ -145,7 +145,7 @@ class WeightFreezing:
     def freeze(self, weight: torch.Tensor, mask: torch.Tensor, codes: torch.Tensor) -> None:
         """Hold the weights under ``mask`` at the integer ``codes`` from now on (on top of those already frozen)."""
         current = self.frozen_codes if self.frozen_codes is not None else self.unfrozen_codes(weight)
-        self.frozen_codes = torch.where(mask, codes.to(current.dtype), current)
+        self.frozen_codes = F.freeze_codes(current, mask, codes)
 
     def frozen_mask(self) -> torch.Tensor | None:
         """Which weights are frozen (None: none)."""

@@ -45,6 +45,16 @@ def is_frozen(frozen_codes: torch.Tensor, qn: int) -> torch.Tensor:
     return frozen_codes >= qn
 
 
+def hold_frozen(codes: torch.Tensor, frozen_codes: torch.Tensor, qn: int) -> torch.Tensor:
+    """``codes`` with every frozen weight's code replaced by its frozen code (what the forward uses)."""
+    return torch.where(is_frozen(frozen_codes, qn), frozen_codes.to(codes.dtype), codes)
+
+
+def freeze_codes(frozen_codes: torch.Tensor, mask: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``frozen_codes`` with the weights under ``mask`` frozen at ``codes`` (the others as they were)."""
+    return torch.where(mask, codes.to(frozen_codes.dtype), frozen_codes)
+
+
 def output_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a fake-quantized ``x`` is produced in: in eager autocast, fp32 sites go straight to the autocast
     dtype, which their consumer (a matmul) would cast them to anyway; the values are the same and the cast
@@ -84,7 +94,7 @@ def fake_quantize_values(x, step, offset, qn: int, qp: int, frozen_codes=None, b
     shifted = x if offset is None else x - offset
     q = torch.clamp(torch.round(shifted / step), qn, qp)
     if frozen_codes is not None:
-        q = torch.where(is_frozen(frozen_codes, qn), frozen_codes.to(q.dtype), q)
+        q = hold_frozen(q, frozen_codes, qn)
     out = q * step
     if offset is not None:
         out = out + offset
