@@ -31,6 +31,7 @@ from hf_qvar.script_utils import (
     BaseModelArguments,
     QuantizationArguments,
     evaluate_and_save,
+    finish,
     parse_args,
     publish,
     setup_logging,
@@ -223,6 +224,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         card.update(language="en", dataset_tags="glue", dataset_args=data_args.task_name,
                     dataset=f"GLUE {data_args.task_name.upper()}")
     publish(trainer, training_args, **card)
+    finish(trainer)
     return metrics
 
 

@@ -40,6 +40,7 @@ from hf_qvar.script_utils import (
     BaseModelArguments,
     QuantizationArguments,
     evaluate_and_save,
+    finish,
     parse_args,
     publish,
     setup_logging,
@@ -233,6 +234,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     dataset = "imagefolder" if data_args.uses_image_folders else data_args.dataset_name or FASHION_MNIST
     publish(trainer, training_args, finetuned_from=None if model_args.from_scratch else model_args.model_name_or_path,
             tasks="image-classification", dataset=dataset, tags=["image-classification", "hf_qvar"])
+    finish(trainer)
     return metrics
 
 
