@@ -48,10 +48,12 @@ VARIANTS = {
 
 
 def provenance(command_prefix: str = "") -> dict:
-    """What every benchmark record names: the command, date (UTC), GPU and library versions."""
+    """What every benchmark record names: the command, date (UTC), GPU (or CPU) and library versions."""
+    device = (torch.cuda.get_device_name() if torch.cuda.is_available()
+              else f"CPU ({platform.machine()}, {os.cpu_count()} cores)")
     return dict(command=command_prefix + "python " + " ".join(sys.argv),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                device=torch.cuda.get_device_name(), python=platform.python_version(), torch=torch.__version__,
+                device=device, python=platform.python_version(), torch=torch.__version__,
                 transformers=transformers.__version__, hf_qvar=hf_qvar.__version__)
 
 
@@ -80,12 +82,14 @@ def calibrate(model, batch: dict) -> None:
         model(**batch)
 
 
-def training_step(forward, optimizer, batch: dict, extra_loss=None, after_backward=None, after_step=None):
+def training_step(forward, optimizer, batch: dict, extra_loss=None, after_backward=None, after_step=None,
+                  autocast_cache: bool = True):
     """One bf16-autocast training step as a closure: forward, optional extra loss, backward, optional gradient
-    work (``after_backward``), AdamW, optional bookkeeping (``after_step``)."""
+    work (``after_backward``), AdamW, optional bookkeeping (``after_step``). ``autocast_cache=False`` for a step
+    that is captured into a CUDA graph (autocast's cast cache must not outlive the capture)."""
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=autocast_cache):
             loss = forward(**batch).loss
         if extra_loss is not None:
             loss = loss + extra_loss()
@@ -100,8 +104,23 @@ def training_step(forward, optimizer, batch: dict, extra_loss=None, after_backwa
     return step
 
 
-def timed(step, warmup: int, iters: int) -> tuple[float, float, float]:
-    """Median and inter-quartile range of ``step`` in ms (CUDA events), and peak memory in GiB."""
+def back_to_back(step, iters: int) -> tuple[float, float]:
+    """Mean wall time and mean host CPU time (this thread, up to the final sync) in ms of ``iters`` steps run back
+    to back (one host sync, at the end), as a training loop runs them: the host prepares the next step while the GPU
+    still runs this one. Host time is what an eager, host-bound step costs, and unlike wall time it does not count
+    the time this process waits for a busy host's CPUs."""
+    torch.cuda.synchronize()
+    start, start_cpu = time.perf_counter(), time.thread_time()
+    for _ in range(iters):
+        step()
+    cpu = time.thread_time() - start_cpu
+    torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - start) / iters, 1000 * cpu / iters
+
+
+def timed(step, warmup: int, iters: int) -> tuple[float, float, float, float]:
+    """Median and inter-quartile range of ``step`` in ms (CUDA events, a host sync after every step), peak memory in
+    GiB, and the mean ms per step of ``iters`` more steps run back to back (`back_to_back`)."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
@@ -115,16 +134,45 @@ def timed(step, warmup: int, iters: int) -> tuple[float, float, float]:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     q1, _, q3 = statistics.quantiles(times, n=4)
-    return statistics.median(times), q3 - q1, torch.cuda.max_memory_allocated() / 2**30
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    return statistics.median(times), q3 - q1, peak, back_to_back(step, iters)[0]
+
+
+def graphed(step, warmup: int):
+    """Capture one call of ``step`` (a whole training step: forward, backward, optimizer) into a CUDA graph after
+    ``warmup`` calls on a side stream (PyTorch's whole-network capture); returns the graph's replay. The host then
+    launches one graph per step, so the step time is the GPU's time, not Python's."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def time_steps(model, batch: dict, compiled: bool, warmup: int, iters: int,
-               compile_mode: str | None = None) -> tuple[float, float, float]:
-    """Step time (median, IQR; ms) and peak memory (GiB) of forward+backward+AdamW."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=torch.cuda.is_available())
+               compile_mode: str | None = None, step_graph: bool = False) -> tuple[float, float, float, float]:
+    """`timed` of forward+backward+AdamW: synced step time (median, IQR; ms), peak memory (GiB), back-to-back ms per
+    step; with ``step_graph``, of the replay of one CUDA graph holding the whole step (capturable AdamW)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=torch.cuda.is_available(),
+                                  capturable=step_graph)
     calibrate(model, batch)
     forward = torch.compile(model, mode=compile_mode) if compiled else model
-    return timed(training_step(forward, optimizer, batch), warmup, iters)
+    if step_graph:  # an all-ones mask adds nothing, and eager mask code reads it on the host (not capturable)
+        batch = {k: v for k, v in batch.items() if k != "attention_mask"}
+    step = training_step(forward, optimizer, batch, autocast_cache=not step_graph)
+    if not step_graph:
+        return timed(step, warmup, iters)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()  # replays allocate nothing: the peak is that of the warm-up and capture
+    replay = graphed(step, warmup)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    ms, iqr, _, per_step = timed(replay, warmup, iters)
+    return ms, iqr, peak, per_step
 
 
 def mode_label(mode: str, compile_mode: str | None) -> str:
@@ -133,13 +181,16 @@ def mode_label(mode: str, compile_mode: str | None) -> str:
 
 
 def add_fp_ratios(rows: list[dict]) -> None:
-    """``time_vs_fp`` and ``memory_vs_fp`` of every row against the full-precision row of its model and mode;
-    None where the run did not time full precision in that mode."""
+    """``time_vs_fp``, ``memory_vs_fp`` (and ``back_to_back_vs_fp`` where rows have ``back_to_back_ms``) of every
+    row against the full-precision row of its model and mode; None where the run did not time full precision in
+    that mode."""
     for row in rows:
         fp = next((r for r in rows if r["model"] == row["model"] and r["mode"] == row["mode"] and r["variant"] == "fp"),
                   None)
         row["time_vs_fp"] = round(row["step_ms"] / fp["step_ms"], 3) if fp else None
         row["memory_vs_fp"] = round(row["peak_gib"] / fp["peak_gib"], 3) if fp else None
+        if "back_to_back_ms" in row:
+            row["back_to_back_vs_fp"] = round(row["back_to_back_ms"] / fp["back_to_back_ms"], 3) if fp else None
 
 
 def parse_inductor_settings(settings: list[str], parser: argparse.ArgumentParser) -> dict[str, object]:
@@ -176,6 +227,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--compile_mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    parser.add_argument("--step_graph", action="store_true",
+                        help="capture each whole training step (forward, backward, AdamW) into one CUDA graph and "
+                             "time its replays (recorded as '+step-graph' in each row's mode)")
     parser.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
                         help="torch._inductor.config settings for the compiled modes, e.g. cpp_wrapper=True "
                              "combo_kernels=True (recorded in each row's mode)")
@@ -191,12 +245,16 @@ def main(argv: list[str] | None = None) -> None:
                 batch = make_batch(name, batch_size, "cuda")
                 t0 = time.time()
                 os.environ[TRITON_SWITCH] = "0" if mode == "eager-reference" else "1"
-                ms, iqr, peak = time_steps(model, batch, mode == "compiled", args.warmup, args.iters, args.compile_mode)
+                ms, iqr, peak, per_step = time_steps(model, batch, mode == "compiled", args.warmup, args.iters, args.compile_mode,
+                                           args.step_graph)
                 label = mode_label(mode, args.compile_mode)
                 if mode == "compiled" and args.inductor:
                     label += "+" + "+".join(args.inductor)
+                if args.step_graph:
+                    label += "+step-graph"
                 rows.append(dict(model=name, mode=label, variant=variant, batch=batch_size, step_ms=round(ms, 3),
-                                 step_ms_iqr=round(iqr, 3), peak_gib=round(peak, 3), wall_s=round(time.time() - t0, 1)))
+                                 step_ms_iqr=round(iqr, 3), peak_gib=round(peak, 3), back_to_back_ms=round(per_step, 3),
+                                 wall_s=round(time.time() - t0, 1)))
                 print(json.dumps(rows[-1]), flush=True)
                 if args.rows:
                     with open(args.rows, "a") as f:
@@ -207,11 +265,13 @@ def main(argv: list[str] | None = None) -> None:
     result = dict(provenance(), inductor=inductor_settings, rows=rows)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"{'model':10} {'mode':24} {'variant':11} {'ms':>8} {'x FP':>6} {'GiB':>6} {'mem x':>6}")
+    print(f"{'model':10} {'mode':24} {'variant':11} {'ms':>8} {'x FP':>6} {'b2b ms':>8} {'x FP':>6} {'GiB':>6} "
+          f"{'mem x':>6}")
     for r in rows:
-        ratios = [f"{v:6.2f}" if v is not None else f"{'-':>6}" for v in (r["time_vs_fp"], r["memory_vs_fp"])]
+        ratios = [f"{v:6.2f}" if v is not None else f"{'-':>6}"
+                  for v in (r["time_vs_fp"], r["back_to_back_vs_fp"], r["memory_vs_fp"])]
         print(f"{r['model']:10} {r['mode']:24} {r['variant']:11} {r['step_ms']:8.2f} {ratios[0]} "
-              f"{r['peak_gib']:6.2f} {ratios[1]}")
+              f"{r['back_to_back_ms']:8.2f} {ratios[1]} {r['peak_gib']:6.2f} {ratios[2]}")
 
 
 if __name__ == "__main__":

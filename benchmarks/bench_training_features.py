@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from bench_train_step import build, calibrate, make_batch, mode_label, provenance, training_step
+from bench_train_step import back_to_back, build, calibrate, make_batch, mode_label, provenance, training_step
 from hf_qvar.obr import OBRGradient, obr_loss
 from hf_qvar.oscillation import OscillationTracker, quantized_weight_layers
 
@@ -72,19 +72,6 @@ def make_step(features: tuple[str, ...], bits: int, mode: str, warmup: int, comp
         step()
     torch.cuda.synchronize()
     return step, time.time() - start
-
-
-def back_to_back(step, iters: int) -> tuple[float, float]:
-    """Mean wall time and mean host CPU time (this thread, up to the final sync) in ms of ``iters`` steps run back
-    to back (one host sync, at the end). Host time is what an eager, host-bound step costs, and unlike wall time
-    it does not count the time this process waits for a busy host's CPUs."""
-    torch.cuda.synchronize()
-    start, start_cpu = time.perf_counter(), time.thread_time()
-    for _ in range(iters):
-        step()
-    cpu = time.thread_time() - start_cpu
-    torch.cuda.synchronize()
-    return 1000 * (time.perf_counter() - start) / iters, 1000 * cpu / iters
 
 
 def median_ci(values: list[float], z: float = 1.96) -> tuple[float, float]:

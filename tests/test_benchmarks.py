@@ -99,3 +99,7 @@ def test_train_step_ratios_need_a_full_precision_row_of_the_same_model_and_mode(
             dict(model="bert-base", mode="compiled:default", variant="w4a4", step_ms=12.0, peak_gib=2.5)]
     add_fp_ratios(rows)
     assert [(r["time_vs_fp"], r["memory_vs_fp"]) for r in rows] == [(1.0, 1.0), (1.5, 1.25), (None, None)]
+    assert all("back_to_back_vs_fp" not in r for r in rows)
+    timed_back_to_back = [dict(r, back_to_back_ms=ms) for r, ms in zip(rows, (8.0, 9.0, 9.5))]
+    add_fp_ratios(timed_back_to_back)
+    assert [r["back_to_back_vs_fp"] for r in timed_back_to_back] == [1.0, 1.125, None]
