@@ -103,3 +103,12 @@ def test_train_step_ratios_need_a_full_precision_row_of_the_same_model_and_mode(
     timed_back_to_back = [dict(r, back_to_back_ms=ms) for r, ms in zip(rows, (8.0, 9.0, 9.5))]
     add_fp_ratios(timed_back_to_back)
     assert [r["back_to_back_vs_fp"] for r in timed_back_to_back] == [1.0, 1.125, None]
+
+
+def test_gpu_idle_counts_only_time_no_kernel_covers():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from profile_step import gpu_span_and_idle
+
+    # Overlapping kernels (0-4, 2-6), a gap 6-8, one nested inside another (9-10 in 8-12), a gap 12-15.
+    assert gpu_span_and_idle([(15.0, 16.0), (0.0, 4.0), (8.0, 12.0), (2.0, 6.0), (9.0, 10.0)]) == (16.0, 5.0)
+    assert gpu_span_and_idle([(3.0, 5.0)]) == (2.0, 0.0)
