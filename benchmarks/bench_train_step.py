@@ -245,8 +245,8 @@ def main(argv: list[str] | None = None) -> None:
                 batch = make_batch(name, batch_size, "cuda")
                 t0 = time.time()
                 os.environ[TRITON_SWITCH] = "0" if mode == "eager-reference" else "1"
-                ms, iqr, peak, per_step = time_steps(model, batch, mode == "compiled", args.warmup, args.iters, args.compile_mode,
-                                           args.step_graph)
+                ms, iqr, peak, per_step = time_steps(model, batch, mode == "compiled", args.warmup, args.iters,
+                                                     args.compile_mode, args.step_graph)
                 label = mode_label(mode, args.compile_mode)
                 if mode == "compiled" and args.inductor:
                     label += "+" + "+".join(args.inductor)

@@ -60,8 +60,8 @@ def main() -> None:
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1000 / 3
     span_us, idle_us = gpu_span_and_idle([(e.time_range.start, e.time_range.end) for e in kernels])
-    print(f"per step: {wall_ms:.1f} ms wall (profiled), {gpu_ms:.1f} ms of GPU kernels, {len(kernels) / 3:.0f} kernels, "
-          f"GPU idle {idle_us / 1000 / 3:.1f} of {span_us / 1000 / 3:.1f} ms")
+    print(f"per step: {wall_ms:.1f} ms wall (profiled), {gpu_ms:.1f} ms of GPU kernels, {len(kernels) / 3:.0f} "
+          f"kernels, GPU idle {idle_us / 1000 / 3:.1f} of {span_us / 1000 / 3:.1f} ms")
     if args.json:
         record = dict(provenance(f"HF_QVAR_TRITON={os.environ.get('HF_QVAR_TRITON', '1')} "),
                       model=args.model, variant=args.variant,
