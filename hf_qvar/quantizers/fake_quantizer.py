@@ -101,27 +101,26 @@ class FakeQuantizer(nn.Module):
             self.qn, self.qp = (-1, 1) if signed else (0, 1)
         else:
             self.qn, self.qp = F.signed_range(bits) if signed else F.unsigned_range(bits)
-
-    @property
-    def num_groups(self) -> int:
-        return {"per_tensor": 1, "per_channel": self.channels, "per_head": self.num_heads}[self.granularity]
+        # Derived once, as plain attributes: every attribute, property and method a compiled forward reads is a
+        # guard that `torch.compile` checks on each call, for each of a model's ~180 quantizers.
+        self.num_groups = {"per_tensor": 1, "per_channel": channels, "per_head": num_heads}[granularity]
+        #: Consecutive channels that share one step (a head's channels; 1 otherwise).
+        self.group_size = channels // num_heads if granularity == "per_head" else 1
 
     def expand(self, per_group: torch.Tensor, ndim: int) -> torch.Tensor:
         """Broadcast a ``(*lead, num_groups)`` tensor onto a tensor of rank ``ndim`` whose trailing dims are the
         quantized tensor's (``lead`` = stacked layers, see `hf_qvar.obr`) along `channel_axis`."""
         lead = per_group.shape[:-1]
-        core = ndim - len(lead)
-        if self.granularity == "per_tensor":
-            return per_group.reshape(*lead, *(1,) * core)
-        if self.granularity == "per_head":
-            per_group = per_group.repeat_interleave(self.channels // self.num_heads, dim=-1)
-        shape = [1] * core
-        shape[self.channel_axis] = self.channels
+        shape = [1] * (ndim - len(lead))
+        if self.num_groups > 1:
+            if self.group_size > 1:
+                per_group = per_group.repeat_interleave(self.group_size, dim=-1)
+            shape[self.channel_axis] = per_group.shape[-1]
         return per_group.reshape(*lead, *shape)
 
     def grouped(self, t: torch.Tensor, lead: int = 0) -> torch.Tensor:
         """View ``t`` as ``(*lead, num_groups, n)`` rows, one row per step size (``lead`` stacked layers first)."""
-        if self.granularity != "per_tensor":
+        if self.num_groups > 1:  # one group: the order of elements does not matter
             t = t.movedim(self.channel_axis + lead if self.channel_axis >= 0 else self.channel_axis, lead)
         return t.reshape(*t.shape[:lead], self.num_groups, -1)
 
@@ -135,7 +134,11 @@ class WeightFreezing:
     weight's integer code and `functional.unfrozen_code` elsewhere; the forward holds frozen weights there."""
 
     qn: int
-    frozen_codes: torch.Tensor | None = None  # set per instance by `freeze` or the oscillation tracker
+    frozen_codes: torch.Tensor | None  # set by `freeze` or the oscillation tracker
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.frozen_codes = None  # an instance attribute: one guard under torch.compile, not a class lookup
 
     def unfrozen_codes(self, weight: torch.Tensor) -> torch.Tensor:
         """A ``frozen_codes`` tensor for ``weight`` with nothing frozen yet."""
@@ -176,11 +179,6 @@ class LSQWeightQuantizer(WeightFreezing, FakeQuantizer):
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
         return F.integer_codes(weight, self.step(weight), self.qn, self.qp)
 
-    @property
-    def l1_group_size(self) -> int:
-        """How many consecutive entries of the expanded step share one L1 norm (a head's channels)."""
-        return self.channels // self.num_heads if self.granularity == "per_head" else 1
-
     def lsq_grad_scale(self, weight: torch.Tensor, lead: int = 0) -> float:
         """Classic LSQ's ``1/sqrt(N·Qp)``, ``N`` the weights per group: a number, fixed by the shape."""
         return 1.0 / math.sqrt(math.prod(weight.shape[lead:]) / self.num_groups * self.qp)
@@ -190,14 +188,17 @@ class LSQWeightQuantizer(WeightFreezing, FakeQuantizer):
         if self.gradient_scale == "lsq":
             return self.lsq_grad_scale(weight, lead)
         shape = self.expand(self.step_size.expand(*weight.shape[:lead], -1), weight.ndim).shape
-        return F.l1_grad_scale(weight, shape, self.l1_group_size, self.qp)
+        # The expanded step has one entry per channel: a head's channels share one norm.
+        return F.l1_grad_scale(weight, shape, self.group_size, self.qp)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        # The L1 scale is computed in the backward (one fewer pass over the weight in the forward).
-        l1 = self.gradient_scale == "l1"
-        return F.lsq_fake_quantize(weight, self.step(weight), None if l1 else self.lsq_grad_scale(weight), self.qn,
-                                   self.qp, frozen_codes=self.frozen_codes,
-                                   l1_group_size=self.l1_group_size if l1 else 0)
+        # A single step broadcasts as it is (no `expand`: fewer guards under torch.compile).
+        step = self.step_size if self.num_groups == 1 else self.expand(self.step_size, weight.ndim)
+        if self.gradient_scale == "l1":  # computed in the backward: one fewer pass over the weight here
+            return F.lsq_fake_quantize(weight, step, None, self.qn, self.qp, frozen_codes=self.frozen_codes,
+                                       l1_group_size=self.group_size)
+        return F.lsq_fake_quantize(weight, step, self.lsq_grad_scale(weight), self.qn, self.qp,
+                                   frozen_codes=self.frozen_codes)
 
 
 class BinaryWeightQuantizer(WeightFreezing, FakeQuantizer):
@@ -244,6 +245,10 @@ class _ActivationQuantizer(FakeQuantizer):
         self.offset = nn.Parameter(torch.zeros(1)) if offset else None
         self.register_buffer("calibrated", torch.tensor(False))
         self._calibrated = False
+        # ``grad_scale_factor / sqrt(numel)`` is the step-gradient scale: ``1/(sqrt(n)·Qp)`` (``l1``) or
+        # ``1/sqrt(n·Qp)`` (``lsq``) for the ``n = numel / num_groups`` elements of a group.
+        groups = self.num_groups
+        self.grad_scale_factor = math.sqrt(groups) / self.qp if self.gradient_scale == "l1" else math.sqrt(groups / self.qp)
 
     def sync_calibration_state(self) -> None:
         """Refresh the Python mirror after weights were loaded from a checkpoint."""
@@ -263,16 +268,14 @@ class _ActivationQuantizer(FakeQuantizer):
 
     def grad_scale(self, x: torch.Tensor) -> float:
         """A Python float: it depends only on shapes, so no device tensor (and no host-device copy) per call."""
-        n = x.numel() / self.num_groups
-        return 1.0 / (math.sqrt(n) * self.qp) if self.gradient_scale == "l1" else 1.0 / math.sqrt(n * self.qp)
+        return self.grad_scale_factor / math.sqrt(x.numel())
 
     def _step(self, x: torch.Tensor) -> torch.Tensor:
+        """The step, broadcastable onto ``x``: steps run along the last dim, where a ``(num_groups,)`` tensor
+        broadcasts as it is (no reshape: fewer guards under torch.compile)."""
         if not self._calibrated:
             self.calibrate(x)
-        return self.expand(self.step_size, x.ndim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quantize(x, self._step(x))
+        return self.step_size if self.group_size == 1 else self.step_size.repeat_interleave(self.group_size)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``F.linear(self(x), weight, bias)``, keeping ``x`` but not its quantized copy for the backward
@@ -280,17 +283,14 @@ class _ActivationQuantizer(FakeQuantizer):
         return F.fake_quantized_linear(x, weight, bias, self._step(x), self.offset, self.grad_scale(x), self.qn,
                                        self.qp, binary=self.binary)
 
-    def quantize(self, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
 
 class LSQActivationQuantizer(_ActivationQuantizer):
     """LSQ activation quantizer; with ``offset=True`` the LSQ+ learnable offset β (post-GELU sites)."""
 
     binary = False
 
-    def quantize(self, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        return F.lsq_fake_quantize(x, step, self.grad_scale(x), self.qn, self.qp, self.offset)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.lsq_fake_quantize(x, self._step(x), self.grad_scale(x), self.qn, self.qp, self.offset)
 
 
 class BinaryActivationQuantizer(_ActivationQuantizer):
@@ -298,8 +298,8 @@ class BinaryActivationQuantizer(_ActivationQuantizer):
 
     binary = True
 
-    def quantize(self, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        return F.signed_binarize(x, step, self.grad_scale(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.signed_binarize(x, self._step(x), self.grad_scale(x))
 
 
 def make_weight_quantizer(bits: int, **kwargs) -> FakeQuantizer:
