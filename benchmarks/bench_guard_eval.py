@@ -6,17 +6,22 @@ attributes its forward reads), and in a GPU-bound step (CUDA graphs) that host t
 ``backend="aot_eager"`` installs the same guards as Inductor, so no code generation or GPU is needed:
 
     python benchmarks/bench_guard_eval.py --out benchmarks/results/guard_eval_cpu.json
+
+Each row also counts the guards of the model's compiled graph (``guards``, one number per graph), which, unlike
+the time, does not depend on how busy the host is.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_train_step import MODELS, VARIANTS, build, provenance
+from bench_train_step import (MODELS, VARIANTS, add_config_arguments, apply_config_settings, build, config_label,
+                              provenance)
 
 GUARD_EVENT = "TorchDynamo Cache Lookup"
 
@@ -31,29 +36,55 @@ def lookup_us(model, batch: dict, calls: int, skip_guards: bool) -> float:
     return event.cpu_time_total / event.count
 
 
+def compile_counting_guards(model) -> tuple[object, list[int]]:
+    """``torch.compile(model, backend="aot_eager")`` and a list that receives the number of guards of each graph
+    compiled for it (a guard filter that keeps every guard and counts them)."""
+    counts: list[int] = []
+
+    def keep_all(entries: list) -> list[bool]:
+        counts.append(len(entries))
+        return [True] * len(entries)
+
+    return torch.compile(model, backend="aot_eager", options={"guard_filter_fn": keep_all}), counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--model", default="bert-base", choices=[m for m in MODELS if m.startswith("bert")])
     parser.add_argument("--variants", nargs="+", default=["fp", "w4a4", "w1a1"], choices=list(VARIANTS))
     parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="rounds of --calls calls per variant, variants interleaved; rows give the median round")
+    add_config_arguments(parser)
     args = parser.parse_args()
+    settings = dict(inductor=apply_config_settings(args.inductor, "inductor", parser),
+                    dynamo=apply_config_settings(args.dynamo, "dynamo", parser))
     ids = torch.randint(1000, 2000, (2, 8), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}  # tiny: only the host-side lookup matters
-    rows = []
+    compiled = {}
     for variant in args.variants:
         model, _ = build(args.model, variant, "cpu")
         with torch.no_grad():
             model(**batch)  # calibrate activation steps before compiling, as training does
-        compiled = torch.compile(model, backend="aot_eager")
+        compiled[variant] = compile_counting_guards(model)
         for _ in range(2):
-            compiled(**batch).logits.sum().backward()
-        rows.append(dict(model=args.model, variant=variant, calls=args.calls,
-                         guard_eval_us=round(lookup_us(compiled, batch, args.calls, False), 1),
-                         lookup_without_guards_us=round(lookup_us(compiled, batch, args.calls, True), 1)))
+            compiled[variant][0](**batch).logits.sum().backward()
+    rounds = {variant: ([], []) for variant in args.variants}
+    for _ in range(args.repeats):  # interleaved, so drifts of the host's speed hit every variant alike
+        for variant, (model, _) in compiled.items():
+            rounds[variant][0].append(lookup_us(model, batch, args.calls, False))
+            rounds[variant][1].append(lookup_us(model, batch, args.calls, True))
+    rows = []
+    for variant, (with_guards, without) in rounds.items():
+        rows.append(dict(model=args.model, variant=variant, config=config_label(args) or "default",
+                         guards=compiled[variant][1], calls=args.calls, repeats=args.repeats,
+                         guard_eval_us=round(statistics.median(with_guards), 1),
+                         guard_eval_us_rounds=[round(v, 1) for v in with_guards],
+                         lookup_without_guards_us=round(statistics.median(without), 1)))
         print(json.dumps(rows[-1]), flush=True)
     with open(args.out, "w") as f:
-        json.dump(dict(provenance(), rows=rows), f, indent=1)
+        json.dump(dict(provenance(), **settings, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -193,28 +193,44 @@ def add_fp_ratios(rows: list[dict]) -> None:
             row["back_to_back_vs_fp"] = round(row["back_to_back_ms"] / fp["back_to_back_ms"], 3) if fp else None
 
 
-def parse_inductor_settings(settings: list[str], parser: argparse.ArgumentParser) -> dict[str, object]:
-    """Apply ``KEY=VALUE`` pairs (VALUE a Python literal) to ``torch._inductor.config``; returns them."""
+def apply_config_settings(settings: list[str], flag: str, parser: argparse.ArgumentParser) -> dict[str, object]:
+    """Apply ``KEY=VALUE`` pairs (VALUE a Python literal) to ``torch._inductor.config`` (``flag`` ``inductor``) or
+    ``torch._dynamo.config`` (``dynamo``); returns them."""
     import ast
+    import importlib
 
-    import torch._inductor.config as inductor_config
-
+    config = importlib.import_module(f"torch._{flag}.config")
     applied = {}
     for setting in settings:
         key, sep, raw = setting.partition("=")
-        if not sep or not hasattr(inductor_config, key.split(".")[0]):
-            parser.error(f"--inductor: expected KEY=VALUE with KEY a torch._inductor.config setting, got {setting!r}.")
+        if not sep or not hasattr(config, key.split(".")[0]):
+            parser.error(f"--{flag}: expected KEY=VALUE with KEY a torch._{flag}.config setting, got {setting!r}.")
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
-            parser.error(f"--inductor: the value of {key} must be a Python literal (True, 1, 'x'), got {raw!r}.")
+            parser.error(f"--{flag}: the value of {key} must be a Python literal (True, 1, 'x'), got {raw!r}.")
         *parents, leaf = key.split(".")
-        target = inductor_config
+        target = config
         for part in parents:
             target = getattr(target, part)
         setattr(target, leaf, value)
         applied[key] = value
     return applied
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--inductor`` and ``--dynamo`` KEY=VALUE settings (see `apply_config_settings`)."""
+    parser.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="torch._inductor.config settings for the compiled modes, e.g. cpp_wrapper=True "
+                             "combo_kernels=True (recorded in each row's mode)")
+    parser.add_argument("--dynamo", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="torch._dynamo.config settings, e.g. use_recursive_dict_tags_for_guards=True "
+                             "(recorded in each row's mode)")
+
+
+def config_label(args: argparse.Namespace) -> str:
+    """The ``+KEY=VALUE`` suffix that names a run's ``--inductor`` and ``--dynamo`` settings."""
+    return "".join("+" + setting for setting in args.inductor + args.dynamo)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -230,12 +246,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step_graph", action="store_true",
                         help="capture each whole training step (forward, backward, AdamW) into one CUDA graph and "
                              "time its replays (recorded as '+step-graph' in each row's mode)")
-    parser.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="torch._inductor.config settings for the compiled modes, e.g. cpp_wrapper=True "
-                             "combo_kernels=True (recorded in each row's mode)")
+    add_config_arguments(parser)
     parser.add_argument("--rows", help="also append each row to this JSON-lines file as soon as it is measured")
     args = parser.parse_args(argv)
-    inductor_settings = parse_inductor_settings(args.inductor, parser)
+    settings = dict(inductor=apply_config_settings(args.inductor, "inductor", parser),
+                    dynamo=apply_config_settings(args.dynamo, "dynamo", parser))
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
     for name in args.models:
@@ -248,8 +263,8 @@ def main(argv: list[str] | None = None) -> None:
                 ms, iqr, peak, per_step = time_steps(model, batch, mode == "compiled", args.warmup, args.iters,
                                                      args.compile_mode, args.step_graph)
                 label = mode_label(mode, args.compile_mode)
-                if mode == "compiled" and args.inductor:
-                    label += "+" + "+".join(args.inductor)
+                if mode == "compiled":
+                    label += config_label(args)
                 if args.step_graph:
                     label += "+step-graph"
                 rows.append(dict(model=name, mode=label, variant=variant, batch=batch_size, step_ms=round(ms, 3),
@@ -262,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
                 del model
                 torch.cuda.empty_cache()
     add_fp_ratios(rows)
-    result = dict(provenance(), inductor=inductor_settings, rows=rows)
+    result = dict(provenance(), **settings, rows=rows)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"{'model':10} {'mode':24} {'variant':11} {'ms':>8} {'x FP':>6} {'b2b ms':>8} {'x FP':>6} {'GiB':>6} "

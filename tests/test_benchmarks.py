@@ -112,3 +112,29 @@ def test_gpu_idle_counts_only_time_no_kernel_covers():
     # Overlapping kernels (0-4, 2-6), a gap 6-8, one nested inside another (9-10 in 8-12), a gap 12-15.
     assert gpu_span_and_idle([(15.0, 16.0), (0.0, 4.0), (8.0, 12.0), (2.0, 6.0), (9.0, 10.0)]) == (16.0, 5.0)
     assert gpu_span_and_idle([(3.0, 5.0)]) == (2.0, 0.0)
+
+
+def test_compiler_settings_are_applied_labelled_and_bad_ones_named(capsys):
+    import argparse
+
+    import torch._dynamo.config as dynamo_config
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench_train_step import add_config_arguments, apply_config_settings, config_label
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--dynamo", "use_recursive_dict_tags_for_guards=True", "--inductor", "cpp_wrapper=True"])
+    before = dynamo_config.use_recursive_dict_tags_for_guards
+    try:
+        assert apply_config_settings(args.dynamo, "dynamo", parser) == {"use_recursive_dict_tags_for_guards": True}
+        assert dynamo_config.use_recursive_dict_tags_for_guards is True
+    finally:
+        dynamo_config.use_recursive_dict_tags_for_guards = before
+    assert config_label(args) == "+cpp_wrapper=True+use_recursive_dict_tags_for_guards=True"
+    bad_settings = {"no_such_setting=1": "KEY a torch._dynamo.config setting",
+                    "cache_size_limit=x y": "must be a Python literal"}
+    for setting, message in bad_settings.items():
+        with pytest.raises(SystemExit):
+            apply_config_settings([setting], "dynamo", parser)
+        assert message in capsys.readouterr().err
