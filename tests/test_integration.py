@@ -50,6 +50,34 @@ def test_torch_compile_matches_eager(tiny_checkpoints):
     assert step.grad is not None and torch.isfinite(step.grad).all()
 
 
+@pytest.mark.parametrize("recursive_dict_tags", [False, True])
+def test_compiled_model_follows_calibration_and_freezing(tiny_checkpoints, recursive_dict_tags):
+    """Calibration and oscillation freezing change quantizer attributes after compilation; the compiled model must
+    follow them, also with Dynamo's recursive dict-tag guards (which skip the guards of unchanged modules, and
+    which the README suggests for quantized models)."""
+    with torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=recursive_dict_tags):
+        _check_compiled_model_follows_calibration_and_freezing(tiny_checkpoints["bert"])
+
+
+def _check_compiled_model_follows_calibration_and_freezing(checkpoint: str) -> None:
+    torch._dynamo.reset()
+    model = auto_class("bert").from_pretrained(checkpoint, quantization_config=QVarConfig(bits=2)).eval()
+    inputs = example_inputs("bert")
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        calibrated = compiled(**inputs).logits  # the first call calibrates the activation steps
+        torch.testing.assert_close(calibrated, model(**inputs).logits)
+        layer = model.bert.encoder.layer[-1].output.dense
+        quantizer = layer.weight_quantizer
+        mask = torch.zeros_like(layer.weight, dtype=torch.bool)
+        mask[::2] = True
+        quantizer.freeze(layer.weight, mask, torch.full_like(layer.weight, quantizer.qp))  # half at the top code
+        frozen = model(**inputs).logits
+        assert not torch.equal(frozen, calibrated)
+        torch.testing.assert_close(compiled(**inputs).logits, frozen)
+    torch._dynamo.reset()
+
+
 def test_peft_lora_wraps_qlinear_and_merges(tiny_checkpoints, tmp_path):
     from peft import LoraConfig, get_peft_model
 
