@@ -247,8 +247,8 @@ class _ActivationQuantizer(FakeQuantizer):
         self._calibrated = False
         # ``grad_scale_factor / sqrt(numel)`` is the step-gradient scale: ``1/(sqrt(n)·Qp)`` (``l1``) or
         # ``1/sqrt(n·Qp)`` (``lsq``) for the ``n = numel / num_groups`` elements of a group.
-        groups = self.num_groups
-        self.grad_scale_factor = math.sqrt(groups) / self.qp if self.gradient_scale == "l1" else math.sqrt(groups / self.qp)
+        groups, qp = self.num_groups, self.qp
+        self.grad_scale_factor = math.sqrt(groups) / qp if self.gradient_scale == "l1" else math.sqrt(groups / qp)
 
     def sync_calibration_state(self) -> None:
         """Refresh the Python mirror after weights were loaded from a checkpoint."""
