@@ -20,7 +20,7 @@ import statistics
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_train_step import (MODELS, VARIANTS, add_config_arguments, apply_config_settings, build, config_label,
+from bench_train_step import (MODELS, VARIANTS, add_config_arguments, apply_config_arguments, build, config_label,
                               provenance)
 
 GUARD_EVENT = "TorchDynamo Cache Lookup"
@@ -58,8 +58,7 @@ def main() -> None:
                         help="rounds of --calls calls per variant, variants interleaved; rows give the median round")
     add_config_arguments(parser)
     args = parser.parse_args()
-    settings = dict(inductor=apply_config_settings(args.inductor, "inductor", parser),
-                    dynamo=apply_config_settings(args.dynamo, "dynamo", parser))
+    settings = apply_config_arguments(args, parser)
     ids = torch.randint(1000, 2000, (2, 8), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}  # tiny: only the host-side lookup matters
     compiled = {}

@@ -228,6 +228,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                              "(recorded in each row's mode)")
 
 
+def apply_config_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, dict[str, object]]:
+    """Apply the ``--inductor`` and ``--dynamo`` settings of `add_config_arguments`; returns them, for the record."""
+    return dict(inductor=apply_config_settings(args.inductor, "inductor", parser),
+                dynamo=apply_config_settings(args.dynamo, "dynamo", parser))
+
+
 def config_label(args: argparse.Namespace) -> str:
     """The ``+KEY=VALUE`` suffix that names a run's ``--inductor`` and ``--dynamo`` settings."""
     return "".join("+" + setting for setting in args.inductor + args.dynamo)
@@ -249,8 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     add_config_arguments(parser)
     parser.add_argument("--rows", help="also append each row to this JSON-lines file as soon as it is measured")
     args = parser.parse_args(argv)
-    settings = dict(inductor=apply_config_settings(args.inductor, "inductor", parser),
-                    dynamo=apply_config_settings(args.dynamo, "dynamo", parser))
+    settings = apply_config_arguments(args, parser)
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
     for name in args.models:
