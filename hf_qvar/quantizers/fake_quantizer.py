@@ -174,7 +174,9 @@ class LSQWeightQuantizer(WeightFreezing, FakeQuantizer):
         self.step_size.copy_(step.to(self.step_size.dtype))
 
     def step(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.expand(self.step_size, weight.ndim)
+        """The step, broadcastable onto ``weight``; a single step as it is (no `expand`: fewer guards under
+        torch.compile)."""
+        return self.step_size if self.num_groups == 1 else self.expand(self.step_size, weight.ndim)
 
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
         return F.integer_codes(weight, self.step(weight), self.qn, self.qp)
@@ -192,8 +194,7 @@ class LSQWeightQuantizer(WeightFreezing, FakeQuantizer):
         return F.l1_grad_scale(weight, shape, self.group_size, self.qp)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        # A single step broadcasts as it is (no `expand`: fewer guards under torch.compile).
-        step = self.step_size if self.num_groups == 1 else self.expand(self.step_size, weight.ndim)
+        step = self.step(weight)
         if self.gradient_scale == "l1":  # computed in the backward: one fewer pass over the weight here
             return F.lsq_fake_quantize(weight, step, None, self.qn, self.qp, frozen_codes=self.frozen_codes,
                                        l1_group_size=self.group_size)
