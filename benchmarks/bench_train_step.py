@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"],
                         choices=["eager", "eager-reference", "compiled"])
+    parser.add_argument("--batch", type=int, help="batch size instead of each model's default (BERT-base 32, DeiT-S 64)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--compile_mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
@@ -262,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         for mode in args.modes:
             for variant in args.variants:
                 model, batch_size = build(name, variant, "cuda")
+                batch_size = args.batch or batch_size
                 batch = make_batch(name, batch_size, "cuda")
                 t0 = time.time()
                 os.environ[TRITON_SWITCH] = "0" if mode == "eager-reference" else "1"
