@@ -26,6 +26,7 @@ from transformers import BertConfig, BertForSequenceClassification, DeiTConfig, 
 
 import hf_qvar
 from hf_qvar import QVarConfig, quantize_model
+from hf_qvar.cuda_graphs import graph_training_step, graphs_enabled
 from hf_qvar.quantizers.triton_kernels import ENV_SWITCH as TRITON_SWITCH
 
 MODELS = {
@@ -138,22 +139,6 @@ def timed(step, warmup: int, iters: int) -> tuple[float, float, float, float]:
     return statistics.median(times), q3 - q1, peak, back_to_back(step, iters)[0]
 
 
-def graphed(step, warmup: int):
-    """Capture one call of ``step`` (a whole training step: forward, backward, optimizer) into a CUDA graph after
-    ``warmup`` calls on a side stream (PyTorch's whole-network capture); returns the graph's replay. The host then
-    launches one graph per step, so the step time is the GPU's time, not Python's."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
-
-
 def time_steps(model, batch: dict, compiled: bool, warmup: int, iters: int,
                compile_mode: str | None = None, step_graph: bool = False) -> tuple[float, float, float, float]:
     """`timed` of forward+backward+AdamW: synced step time (median, IQR; ms), peak memory (GiB), back-to-back ms per
@@ -169,7 +154,7 @@ def time_steps(model, batch: dict, compiled: bool, warmup: int, iters: int,
         return timed(step, warmup, iters)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()  # replays allocate nothing: the peak is that of the warm-up and capture
-    replay = graphed(step, warmup)
+    replay = graph_training_step(step, warmup)
     peak = torch.cuda.max_memory_allocated() / 2**30
     ms, iqr, _, per_step = timed(replay, warmup, iters)
     return ms, iqr, peak, per_step
@@ -257,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", help="also append each row to this JSON-lines file as soon as it is measured")
     args = parser.parse_args(argv)
     settings = apply_config_arguments(args, parser)
+    if args.step_graph and not graphs_enabled():
+        parser.error("--step_graph: CUDA graphs are switched off (HF_QVAR_CUDA_GRAPHS=0).")
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
     for name in args.models:

@@ -7,6 +7,7 @@ Importing the package registers ``quant_method="qvar"`` with transformers, so
 import importlib
 
 from .config import PAPER_BOUNDARY_OVERRIDES, QVarConfig
+from .cuda_graphs import graph_training_step
 from .distill import (
     SoftLabels,
     attention_mse,
@@ -42,7 +43,7 @@ def __getattr__(name: str):
 __all__ = [
     "PAPER_BOUNDARY_OVERRIDES", "OscillationCallback", "OscillationTracker", "QConv2d", "QLinear", "QVarConfig",
     "QVarHfQuantizer", "QVarTrainer", "QVarTrainingArguments", "SoftLabels", "__version__", "attention_mse",
-    "bake_frozen_weights", "hidden_state_mse", "logit_distillation", "obr_lambda", "obr_loss", "quantize_model",
+    "bake_frozen_weights", "graph_training_step", "hidden_state_mse", "logit_distillation", "obr_lambda", "obr_loss", "quantize_model",
     "read_soft_labels", "recover_soft_labels", "register", "soft_cross_entropy", "topk_soft_labels",
     "write_soft_labels",
 ]

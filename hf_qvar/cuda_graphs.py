@@ -92,3 +92,39 @@ class GraphedStep(Generic[T]):
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._outputs = self.fn()  # recorded, not run: the replay below runs it
         self._graph, self._storages = graph, [t.untyped_storage() for t in tensors]
+
+
+def graph_training_step(step: Callable[[], T], warmup: int = 3) -> Callable[[], T]:
+    """PyTorch's whole-network capture for custom training loops: run ``step`` ``warmup`` times (on a side stream),
+    capture one more call into a CUDA graph and return its replay, which takes one step per call. Without a GPU,
+    or with ``HF_QVAR_CUDA_GRAPHS=0``, ``step`` runs its ``warmup`` calls and is returned itself: either way
+    ``warmup`` steps have been taken when this returns.
+
+    Why: a quantized training step is bound by host work (Python, autograd, kernel launches, Dynamo's guards);
+    replayed from one graph it costs the GPU's time only (BERT-base W4A4 on the H100: 1.01× the FP step compiled,
+    1.20× eager; see the README's Performance section). ``step`` must be a fixed computation on tensors that keep
+    their addresses: copy each batch into the same input tensors, use a capturable optimizer
+    (``AdamW(..., capturable=True)``), autocast with ``cache_enabled=False``, calibrate activation steps before,
+    and do nothing that synchronises with the host (``.item()``, data-dependent shapes or Python branches on tensor
+    values, e.g. Hugging Face attention-mask checks). Its outputs are the graph's tensors, overwritten by each
+    replay.
+    """
+    if not (torch.cuda.is_available() and graphs_enabled()):
+        for _ in range(warmup):
+            step()
+        return step
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+
+    def replay() -> T:
+        graph.replay()
+        return outputs
+
+    return replay
