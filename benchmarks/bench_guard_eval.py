@@ -7,8 +7,8 @@ attributes its forward reads), and in a GPU-bound step (CUDA graphs) that host t
 
     python benchmarks/bench_guard_eval.py --out benchmarks/results/guard_eval_cpu.json
 
-Each row also counts the guards of the model's compiled graph (``guards``, one number per graph), which, unlike
-the time, does not depend on how busy the host is.
+Each row also counts the guards of the model's compiled graph (``guards``, one number per graph: the leaf guards of
+the guard tree Dynamo installed), which, unlike the time, does not depend on how busy the host is.
 """
 
 from __future__ import annotations
@@ -36,16 +36,27 @@ def lookup_us(model, batch: dict, calls: int, skip_guards: bool) -> float:
     return event.cpu_time_total / event.count
 
 
-def compile_counting_guards(model) -> tuple[object, list[int]]:
-    """``torch.compile(model, backend="aot_eager")`` and a list that receives the number of guards of each graph
-    compiled for it (a guard filter that keeps every guard and counts them)."""
-    counts: list[int] = []
+def installed_guards(model: torch.nn.Module, known: set[int]) -> list[int]:
+    """Leaf guards in the guard tree of each graph compiled for ``model`` since ``known`` (ids of guard managers
+    seen before; one class's compiled models share its ``forward``'s cache), counted in the tree Dynamo installed.
+    (A guard filter sees many more entries: it is shown a guard once for every source that reaches it.)"""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-    def keep_all(entries: list) -> list[bool]:
-        counts.append(len(entries))
-        return [True] * len(entries)
+    def count(node) -> int:  # dict managers hold their entries' managers apart from their children
+        children = list(node.get_child_managers())
+        if hasattr(node, "get_key_value_managers"):
+            children += [m for pair in node.get_key_value_managers().values() for m in pair if m is not None]
+        return len(node.get_leaf_guards()) + sum(count(child) for child in children)
 
-    return torch.compile(model, backend="aot_eager", options={"guard_filter_fn": keep_all}), counts
+    entries = _debug_get_cache_entry_list(type(model).forward.__code__)
+    return [count(e.guard_manager.root) for e in entries if id(e.guard_manager) not in known]
+
+
+def guard_managers(model: torch.nn.Module) -> set[int]:
+    """Ids of the guard managers of the graphs compiled so far for ``model``'s class (see `installed_guards`)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return {id(e.guard_manager) for e in _debug_get_cache_entry_list(type(model).forward.__code__)}
 
 
 def main() -> None:
@@ -66,9 +77,11 @@ def main() -> None:
         model, _ = build(args.model, variant, "cpu")
         with torch.no_grad():
             model(**batch)  # calibrate activation steps before compiling, as training does
-        compiled[variant] = compile_counting_guards(model)
+        known = guard_managers(model)
+        compiled_model = torch.compile(model, backend="aot_eager")
         for _ in range(2):
-            compiled[variant][0](**batch).logits.sum().backward()
+            compiled_model(**batch).logits.sum().backward()
+        compiled[variant] = compiled_model, installed_guards(model, known)
     rounds = {variant: ([], []) for variant in args.variants}
     for _ in range(args.repeats):  # interleaved, so drifts of the host's speed hit every variant alike
         for variant, (model, _) in compiled.items():

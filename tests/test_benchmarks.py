@@ -7,6 +7,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -138,3 +139,29 @@ def test_compiler_settings_are_applied_labelled_and_bad_ones_named(capsys):
         with pytest.raises(SystemExit):
             apply_config_settings([setting], "dynamo", parser)
         assert message in capsys.readouterr().err
+
+
+def test_installed_guards_counts_each_compiled_models_own_guard_tree():
+    """`bench_guard_eval` counts the guards Dynamo installed: more for a quantized model than for the same model in
+    full precision, more for more layers, and a class's earlier compiled models are not counted again."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench_guard_eval import guard_managers, installed_guards
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hf_qvar import QVarConfig, quantize_model
+
+    ids = torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    counts = {}
+    for layers, bits in [(1, None), (1, 4), (2, 4)]:
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers,
+                                                         num_attention_heads=4, intermediate_size=64))
+        if bits:
+            quantize_model(model, QVarConfig(bits=bits, quantize_attention_probs=False))
+        with torch.no_grad():
+            model(input_ids=ids)  # calibrate
+        known = guard_managers(model)
+        torch.compile(model, backend="aot_eager")(input_ids=ids)
+        counts[layers, bits] = installed_guards(model, known)
+    assert all(len(graphs) == 1 for graphs in counts.values()), counts
+    assert counts[1, None][0] < counts[1, 4][0] < counts[2, 4][0], counts
