@@ -1,4 +1,5 @@
-"""`GraphedStep`: replay a per-step tensor computation from a CUDA graph.
+"""CUDA graphs: `GraphedStep` replays a per-step tensor computation (OBR, tracking); `graph_training_step` a whole
+training step of a custom loop.
 
 OBR's gradient and the oscillation tracker launch the same few hundred kernels on the same tensors after every
 training step. Launched from Python that is host time (≈ 15 ms and 3 ms per BERT-base step on the H100 host,
