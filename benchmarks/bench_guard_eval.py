@@ -36,11 +36,23 @@ def lookup_us(model, batch: dict, calls: int, skip_guards: bool) -> float:
     return event.cpu_time_total / event.count
 
 
-def installed_guards(model: torch.nn.Module, known: set[int]) -> list[int]:
-    """Leaf guards in the guard tree of each graph compiled for ``model`` since ``known`` (ids of guard managers
-    seen before; one class's compiled models share its ``forward``'s cache), counted in the tree Dynamo installed.
-    (A guard filter sees many more entries: it is shown a guard once for every source that reaches it.)"""
+def _cache_entries(model: torch.nn.Module) -> list:
+    """Dynamo's cache entries (one per compiled graph) of ``model``'s class: its compiled models share its
+    ``forward``'s cache."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return _debug_get_cache_entry_list(type(model).forward.__code__)
+
+
+def guard_managers(model: torch.nn.Module) -> set[int]:
+    """Ids of the guard managers of the graphs compiled so far for ``model``'s class (see `installed_guards`)."""
+    return {id(e.guard_manager) for e in _cache_entries(model)}
+
+
+def installed_guards(model: torch.nn.Module, known: set[int]) -> list[int]:
+    """Leaf guards in the guard tree of each graph compiled for ``model``'s class since ``known`` (`guard_managers`
+    before compiling), counted in the tree Dynamo installed. (A guard filter sees many more entries: it is shown a
+    guard once for every source that reaches it.)"""
 
     def count(node) -> int:  # dict managers hold their entries' managers apart from their children
         children = list(node.get_child_managers())
@@ -48,15 +60,7 @@ def installed_guards(model: torch.nn.Module, known: set[int]) -> list[int]:
             children += [m for pair in node.get_key_value_managers().values() for m in pair if m is not None]
         return len(node.get_leaf_guards()) + sum(count(child) for child in children)
 
-    entries = _debug_get_cache_entry_list(type(model).forward.__code__)
-    return [count(e.guard_manager.root) for e in entries if id(e.guard_manager) not in known]
-
-
-def guard_managers(model: torch.nn.Module) -> set[int]:
-    """Ids of the guard managers of the graphs compiled so far for ``model``'s class (see `installed_guards`)."""
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-
-    return {id(e.guard_manager) for e in _debug_get_cache_entry_list(type(model).forward.__code__)}
+    return [count(e.guard_manager.root) for e in _cache_entries(model) if id(e.guard_manager) not in known]
 
 
 def main() -> None:

@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"],
                         choices=["eager", "eager-reference", "compiled"])
-    parser.add_argument("--batch", type=int, help="batch size instead of each model's default (BERT-base 32, DeiT-S 64)")
+    parser.add_argument("--batch", type=int,
+                        help="batch size instead of each model's default (BERT-base 32, DeiT-S 64)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--compile_mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")

@@ -43,7 +43,7 @@ def __getattr__(name: str):
 __all__ = [
     "PAPER_BOUNDARY_OVERRIDES", "OscillationCallback", "OscillationTracker", "QConv2d", "QLinear", "QVarConfig",
     "QVarHfQuantizer", "QVarTrainer", "QVarTrainingArguments", "SoftLabels", "__version__", "attention_mse",
-    "bake_frozen_weights", "graph_training_step", "hidden_state_mse", "logit_distillation", "obr_lambda", "obr_loss", "quantize_model",
-    "read_soft_labels", "recover_soft_labels", "register", "soft_cross_entropy", "topk_soft_labels",
+    "bake_frozen_weights", "graph_training_step", "hidden_state_mse", "logit_distillation", "obr_lambda", "obr_loss",
+    "quantize_model", "read_soft_labels", "recover_soft_labels", "register", "soft_cross_entropy", "topk_soft_labels",
     "write_soft_labels",
 ]
