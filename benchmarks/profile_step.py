@@ -3,6 +3,9 @@
     python benchmarks/profile_step.py --model bert-base --variant w4a4 --compiled
     HF_QVAR_TRITON=0 python benchmarks/profile_step.py --variant w4a4 --json out.json   # eager, kernels off
 
+``--cprofile FILE`` profiles the host's Python instead (cProfile over ``--steps`` steps, no torch.profiler), for
+host-bound steps: which Python functions the host spends the step in, written to FILE sorted by own time.
+
 ``--json`` appends the per-step summary (profiled wall time, GPU kernel time, kernel count) with the command,
 device, versions and date to a JSON-lines file.
 """
@@ -10,7 +13,10 @@ device, versions and date to a JSON-lines file.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import os
 import time
 
@@ -31,6 +37,26 @@ def gpu_span_and_idle(intervals: list[tuple[float, float]]) -> tuple[float, floa
     return busy_until - intervals[0][0], idle
 
 
+def write_cprofile(step, args: argparse.Namespace) -> None:
+    """cProfile's table of ``args.steps`` back-to-back steps (own time first) to ``args.cprofile``, with the
+    provenance and the host ms per step (profiled, so inflated) on top."""
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    for _ in range(args.steps):
+        step()
+    profiler.disable()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) * 1000 / args.steps
+    table = io.StringIO()
+    pstats.Stats(profiler, stream=table).sort_stats("tottime").print_stats(args.rows)
+    header = dict(provenance(), model=args.model, variant=args.variant, compiled=args.compiled,
+                  compile_mode=args.compile_mode, steps=args.steps, wall_ms_per_step_profiled=round(wall_ms, 1))
+    with open(args.cprofile, "w") as handle:
+        handle.write(json.dumps(header) + "\n" + table.getvalue())
+    print(f"{wall_ms:.1f} ms per step (cProfile on) -> {args.cprofile}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="bert-base", choices=list(MODELS))
@@ -41,6 +67,8 @@ def main() -> None:
     parser.add_argument("--json", help="append the per-step summary to this JSON-lines file")
     parser.add_argument("--trace", help="also write the profiler's Chrome trace (gzip if it ends in .gz)")
     parser.add_argument("--sort", default="cuda_time_total", help="e.g. self_cpu_time_total for host-bound steps")
+    parser.add_argument("--cprofile", help="write cProfile's Python-function table of --steps steps to this file")
+    parser.add_argument("--steps", type=int, default=20, help="steps profiled by --cprofile")
     args = parser.parse_args()
     model, batch_size = build(args.model, args.variant, "cuda")
     batch = make_batch(args.model, batch_size, "cuda")
@@ -51,6 +79,9 @@ def main() -> None:
     for _ in range(5):  # reduce-overhead records its CUDA graphs in the first two
         step()
     torch.cuda.synchronize()
+    if args.cprofile:
+        write_cprofile(step, args)
+        return
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(3):

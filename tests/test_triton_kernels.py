@@ -80,9 +80,11 @@ def test_kernels_match_reference(name, dtype):
     on = lambda t: t.to(DEVICE) if t is not None else None  # noqa: E731
     out = kernels.fake_quantize_forward(on(x), on(step), on(offset), qn, qp, on(frozen), binary=binary)
     grad_scale, l1_group_size = _scales(name)
-    grad_x, grad_step, grad_offset = kernels.fake_quantize_backward(
+    grad_x, grad_step, grad_offset, values = kernels.fake_quantize_backward(
         on(grad_out), on(x), on(step), on(offset), qn, qp, on(frozen), binary=binary, grad_scale=grad_scale,
-        l1_group_size=l1_group_size)
+        l1_group_size=l1_group_size, values_dtype=torch.float32)
+    assert kernels.fake_quantize_backward(on(grad_out), on(x), on(step), on(offset), qn, qp, on(frozen),
+                                          binary=binary, grad_scale=grad_scale, l1_group_size=l1_group_size)[3] is None
 
     assert out.dtype == x.dtype
     if DEVICE == "cpu" and dtype != torch.float32:  # the interpreter truncates fp32 -> bf16 casts (GPUs round)
@@ -90,6 +92,8 @@ def test_kernels_match_reference(name, dtype):
     else:
         assert torch.equal(out.cpu(), expected[0]), "forward values differ from the reference"
     assert torch.equal(grad_x.cpu(), expected[1]), "x-gradient differs from the reference"
+    reference_values = F.fake_quantize_values(x, step, offset, qn, qp, frozen, binary, dtype=torch.float32)
+    assert torch.equal(values.cpu(), reference_values), "the backward's forward values differ from the reference"
     tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(grad_step.cpu(), expected[2], **tolerance)
     if offset is not None:

@@ -102,16 +102,23 @@ def fake_quantize_values(x, step, offset, qn: int, qp: int, frozen_codes=None, b
 
 
 def fake_quantize_grads(grad_out, x, step, offset, qn: int, qp: int, frozen_codes=None, binary: bool = False,
-                        grad_scale=None, l1_group_size: int = 0, axis: int | None = None):
-    """``(grad_x, grad_step, grad_offset)`` of `fake_quantize_values` given the gradient of its output (see
-    `_FakeQuantize` for the formulas), without autograd; kernels or reference ops as for the values."""
+                        grad_scale=None, l1_group_size: int = 0, axis: int | None = None,
+                        values_dtype: torch.dtype | None = None):
+    """``(grad_x, grad_step, grad_offset, values)`` of `fake_quantize_values` given the gradient of its output (see
+    `_FakeQuantize` for the formulas), without autograd; kernels or reference ops as for the values. ``values`` is
+    the forward value in ``values_dtype`` when that is given (on the kernels, from the same pass over ``x``), else
+    None."""
     if axis is not None:
         return kernels.fake_quantize_backward(grad_out, x, step, offset, qn, qp, frozen_codes, binary=binary,
-                                              grad_scale=grad_scale, l1_group_size=l1_group_size, axis=axis)
+                                              grad_scale=grad_scale, l1_group_size=l1_group_size, axis=axis,
+                                              values_dtype=values_dtype)
+    values = None
+    if values_dtype is not None:
+        values = fake_quantize_values(x, step, offset, qn, qp, frozen_codes, binary, dtype=values_dtype)
     if binary:
         sign = torch.where(x >= 0, 1.0, -1.0)  # fp32: the α-gradient is summed in fp32, as the kernels do
         grad_x = grad_out * ((x / step).abs() <= 1)
-        return grad_x, (grad_out * sign).sum_to_size(step.shape) * grad_scale, None
+        return grad_x, (grad_out * sign).sum_to_size(step.shape) * grad_scale, None, values
     shifted = x if offset is None else x - offset
     v = shifted / step
     inside = (v >= qn) & (v <= qp)
@@ -131,7 +138,7 @@ def fake_quantize_grads(grad_out, x, step, offset, qn: int, qp: int, frozen_code
         # Summed in (at least) fp32, as the kernels do: bf16 sums would round the result.
         grad_offset = (grad_out.to(torch.promote_types(grad_out.dtype, torch.float32)) * (~inside)).sum_to_size(
             offset.shape)
-    return grad_x, grad_step, grad_offset
+    return grad_x, grad_step, grad_offset, values
 
 
 class _FakeQuantize(torch.autograd.Function):
@@ -168,7 +175,7 @@ class _FakeQuantize(torch.autograd.Function):
         x, step, offset, frozen_codes = ctx.saved_tensors
         qn, qp, binary, grad_scale, l1_group_size = ctx.args
         grads = fake_quantize_grads(grad_out, x, step, offset, qn, qp, frozen_codes, binary, grad_scale,
-                                    l1_group_size, ctx.axis)
+                                    l1_group_size, ctx.axis)[:3]
         return *grads, None, None, None, None, None, None
 
 
@@ -176,8 +183,8 @@ class _FakeQuantizedInputLinear(torch.autograd.Function):
     """``F.linear(x̂, weight, bias)`` with ``x̂`` an activation fake-quantized as by `_FakeQuantize` (no freezing).
 
     Why one function: composed, the quantizer keeps ``x`` for its backward and the matmul keeps ``x̂``, two
-    activation-sized tensors per layer. Here only ``x`` is kept and ``x̂`` is recomputed in the backward (one
-    extra element-wise pass), which cut the eager peak memory of a quantized training step (see the README's
+    activation-sized tensors per layer. Here only ``x`` is kept and ``x̂`` is recomputed in the backward (on the
+    kernels, by the pass that computes x's gradient), which cut the eager peak memory of a quantized training step (see the README's
     Performance section). Values and gradients are those of the composed ops, and are tested against them."""
 
     @staticmethod
@@ -194,16 +201,19 @@ class _FakeQuantizedInputLinear(torch.autograd.Function):
         qn, qp, binary, grad_scale, dtype = ctx.args
         needs_x, needs_weight, needs_bias, needs_step, needs_offset = ctx.needs_input_grad[:5]
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_weight = grad_bias = grad_x = grad_step = grad_offset = None
+        grad_weight = grad_bias = grad_x = grad_step = grad_offset = quantized = None
+        if needs_x or needs_step or needs_offset:
+            grad_quantized = grad_out.matmul(weight.to(grad_out.dtype))
+            # The weight gradient's recomputed quantized input comes out of the same pass.
+            grad_x, grad_step, grad_offset, quantized = fake_quantize_grads(
+                grad_quantized, x, step, offset, qn, qp, None, binary, grad_scale, 0, ctx.axis,
+                values_dtype=dtype if needs_weight else None)
         if needs_weight:
-            quantized = fake_quantize_values(x, step, offset, qn, qp, None, binary, ctx.axis, dtype)
+            if quantized is None:
+                quantized = fake_quantize_values(x, step, offset, qn, qp, None, binary, ctx.axis, dtype)
             grad_weight = grad_rows.t().mm(quantized.reshape(-1, quantized.shape[-1]))
         if needs_bias:
             grad_bias = grad_rows.sum(0)
-        if needs_x or needs_step or needs_offset:
-            grad_quantized = grad_out.matmul(weight.to(grad_out.dtype))
-            grad_x, grad_step, grad_offset = fake_quantize_grads(grad_quantized, x, step, offset, qn, qp, None,
-                                                                 binary, grad_scale, 0, ctx.axis)
         return grad_x, grad_weight, grad_bias, grad_step, grad_offset, None, None, None, None
 
 

@@ -79,26 +79,36 @@ if HAS_TRITON:
         return q, step, beta, inside, d_step
 
     @triton.jit
-    def _forward_kernel(out_ptr, x_ptr, step_ptr, offset_ptr, codes_ptr, rows, cols, qn, qp,
-                        STEP_AXIS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_FROZEN: tl.constexpr,
-                        BINARY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        r, c, idx, inb = _tile(tl.program_id(0), tl.program_id(1), rows, cols, BLOCK_R, BLOCK_C)
-        q, step, beta, _, _ = _codes(x_ptr, step_ptr, offset_ptr, codes_ptr, r, c, idx, inb, rows, cols,
-                                     qn, qp, STEP_AXIS, HAS_OFFSET, HAS_FROZEN, BINARY)
+    def _store_values(out_ptr, idx, inb, q, step, beta, HAS_OFFSET: tl.constexpr):
+        """The forward value ``q·α (+ β)``, rounded once per operation as the reference's ops round."""
         out = q * step
         if HAS_OFFSET:
             out = out + beta
         tl.store(out_ptr + idx, out.to(out_ptr.dtype.element_ty), mask=inb)
 
     @triton.jit
-    def _backward_kernel(grad_ptr, grad_x_ptr, step_sums_ptr, abs_sums_ptr, offset_sums_ptr, x_ptr, step_ptr,
-                         offset_ptr, codes_ptr, rows, cols, qn, qp, STEP_AXIS: tl.constexpr,
+    def _forward_kernel(out_ptr, x_ptr, step_ptr, offset_ptr, codes_ptr, rows, cols, qn, qp,
+                        STEP_AXIS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_FROZEN: tl.constexpr,
+                        BINARY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        r, c, idx, inb = _tile(tl.program_id(0), tl.program_id(1), rows, cols, BLOCK_R, BLOCK_C)
+        q, step, beta, _, _ = _codes(x_ptr, step_ptr, offset_ptr, codes_ptr, r, c, idx, inb, rows, cols,
+                                     qn, qp, STEP_AXIS, HAS_OFFSET, HAS_FROZEN, BINARY)
+        _store_values(out_ptr, idx, inb, q, step, beta, HAS_OFFSET)
+
+    @triton.jit
+    def _backward_kernel(grad_ptr, grad_x_ptr, step_sums_ptr, abs_sums_ptr, offset_sums_ptr, values_ptr, x_ptr,
+                         step_ptr, offset_ptr, codes_ptr, rows, cols, qn, qp, STEP_AXIS: tl.constexpr,
                          HAS_OFFSET: tl.constexpr, HAS_FROZEN: tl.constexpr, BINARY: tl.constexpr,
-                         L1_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                         L1_SCALE: tl.constexpr, WRITE_VALUES: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
+        """x's gradient and the partial sums of α's (and β's); with ``WRITE_VALUES`` also the forward values, for a
+        backward that needs them again (the matmul's weight gradient) without a second pass over x."""
         pid_r, pid_c = tl.program_id(0), tl.program_id(1)
         r, c, idx, inb = _tile(pid_r, pid_c, rows, cols, BLOCK_R, BLOCK_C)
-        _, _, _, inside, d_step = _codes(x_ptr, step_ptr, offset_ptr, codes_ptr, r, c, idx, inb, rows,
-                                         cols, qn, qp, STEP_AXIS, HAS_OFFSET, HAS_FROZEN, BINARY)
+        q, step, beta, inside, d_step = _codes(x_ptr, step_ptr, offset_ptr, codes_ptr, r, c, idx, inb, rows,
+                                               cols, qn, qp, STEP_AXIS, HAS_OFFSET, HAS_FROZEN, BINARY)
+        if WRITE_VALUES:
+            _store_values(values_ptr, idx, inb, q, step, beta, HAS_OFFSET)
         grad = tl.load(grad_ptr + idx, mask=inb, other=0.0)
         tl.store(grad_x_ptr + idx, tl.where(inside, grad, 0.0).to(grad_x_ptr.dtype.element_ty), mask=inb)
         grad = grad.to(tl.float32)
@@ -231,10 +241,11 @@ def fake_quantize_forward(x, step, offset, qn: float, qp: float, frozen_codes=No
 
 def fake_quantize_backward(grad_out, x, step, offset, qn: float, qp: float, frozen_codes=None,
                            binary: bool = False, grad_scale: float | None = 1.0, l1_group_size: int = 0,
-                           axis: int | None = None):
-    """``(grad_x, α-gradient shaped like step, β-gradient shaped like offset or None)``: α's gradient scaled by
-    ``grad_scale``, or by `functional.l1_grad_scale` of ``x`` when ``l1_group_size > 0``. Two launches. Step and
-    offset are fp32 (as `fused_layout` requires), and so are their gradients."""
+                           axis: int | None = None, values_dtype: torch.dtype | None = None):
+    """``(grad_x, α-gradient shaped like step, β-gradient shaped like offset or None, forward values or None)``:
+    α's gradient scaled by ``grad_scale``, or by `functional.l1_grad_scale` of ``x`` when ``l1_group_size > 0``;
+    the values (`fake_quantize_forward`'s, in ``values_dtype``) only when ``values_dtype`` is given. Two launches.
+    Step and offset are fp32 (as `fused_layout` requires), and so are their gradients."""
     axis = step_axis(x, step) if axis is None else axis
     geometry = _geometry(x, axis)
     rows, cols, _, _, grid = geometry
@@ -245,8 +256,9 @@ def fake_quantize_backward(grad_out, x, step, offset, qn: float, qp: float, froz
     tiles, n = (grid[1], rows) if axis == STEP_PER_ROW else (grid[0], cols) if axis == STEP_PER_COL else (1, grid[0] * grid[1])
     partials = torch.empty((2 if l1 else 1, tiles, n), device=x.device, dtype=torch.float32)
     offset_sums = torch.empty(grid, device=x.device, dtype=torch.float32) if offset is not None else partials
-    _run(_backward_kernel, (grad_out, grad_x, partials[0], partials[-1], offset_sums), geometry, x, step, offset,
-         qn, qp, frozen_codes, axis, binary, L1_SCALE=l1)
+    values = torch.empty_like(x, dtype=values_dtype) if values_dtype is not None else None
+    _run(_backward_kernel, (grad_out, grad_x, partials[0], partials[-1], offset_sums, grad_x if values is None else values),
+         geometry, x, step, offset, qn, qp, frozen_codes, axis, binary, L1_SCALE=l1, WRITE_VALUES=values is not None)
     grad_step = torch.empty(step.shape, device=x.device, dtype=torch.float32)
     grad_offset = torch.empty(offset.shape, device=x.device, dtype=torch.float32) if offset is not None else grad_step
     per_entry = axis != ONE_STEP
@@ -256,4 +268,4 @@ def fake_quantize_backward(grad_out, x, step, offset, qn: float, qp: float, froz
         grad_step, grad_offset, partials[0], partials[-1], offset_sums, tiles, n, group_size, offset_sums.numel(),
         1.0 if l1 else float(grad_scale), float(qp), PER_ENTRY=per_entry, L1_SCALE=l1, HAS_OFFSET=offset is not None,
         BLOCK=block)
-    return grad_x, grad_step, grad_offset if offset is not None else None
+    return grad_x, grad_step, grad_offset if offset is not None else None, values
