@@ -22,11 +22,12 @@ def _case(name: str, dtype=torch.float32):
     """(x, step, offset, qn, qp, binary, frozen) for a quantization site layout; x includes exact .5 ties and
     values far outside the grid."""
     g = torch.Generator().manual_seed(0)
+    # Single steps span several kernel programs (tiles of up to 16 × 128), whose partial sums the last one adds.
     shapes = {"weight_tensor": ((24, 40), (1, 1)), "weight_channel": ((24, 40), (24, 1)),
-              "act_tensor": ((3, 5, 40), (1, 1, 1)), "act_channel": ((3, 5, 40), (1, 1, 40)),
-              "act_offset": ((3, 5, 40), (1, 1, 1)), "binary_tensor": ((3, 5, 40), (1, 1, 1)),
+              "act_tensor": ((3, 20, 130), (1, 1, 1)), "act_channel": ((3, 5, 40), (1, 1, 40)),
+              "act_offset": ((3, 20, 130), (1, 1, 1)), "binary_tensor": ((3, 20, 130), (1, 1, 1)),
               "binary_channel": ((6, 40), (1, 40)), "weight_frozen": ((24, 40), (24, 1)),
-              "weight_tensor_l1": ((24, 40), (1, 1)), "weight_head_l1": ((24, 40), (24, 1)),
+              "weight_tensor_l1": ((40, 130), (1, 1)), "weight_head_l1": ((24, 40), (24, 1)),
               "conv_weight": ((8, 3, 4, 4), (8, 1, 1, 1))}
     x_shape, step_shape = shapes[name]
     step = torch.rand(step_shape, generator=g) * 0.2 + 0.05
@@ -83,8 +84,10 @@ def test_kernels_match_reference(name, dtype):
     grad_x, grad_step, grad_offset, values = kernels.fake_quantize_backward(
         on(grad_out), on(x), on(step), on(offset), qn, qp, on(frozen), binary=binary, grad_scale=grad_scale,
         l1_group_size=l1_group_size, values_dtype=torch.float32)
-    assert kernels.fake_quantize_backward(on(grad_out), on(x), on(step), on(offset), qn, qp, on(frozen),
-                                          binary=binary, grad_scale=grad_scale, l1_group_size=l1_group_size)[3] is None
+    again = kernels.fake_quantize_backward(on(grad_out), on(x), on(step), on(offset), qn, qp, on(frozen),
+                                           binary=binary, grad_scale=grad_scale, l1_group_size=l1_group_size)
+    assert again[3] is None
+    assert torch.equal(again[1], grad_step), "a second backward (the launch counter reused) gave another gradient"
 
     assert out.dtype == x.dtype
     if DEVICE == "cpu" and dtype != torch.float32:  # the interpreter truncates fp32 -> bf16 casts (GPUs round)
