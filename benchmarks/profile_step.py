@@ -39,19 +39,22 @@ def gpu_span_and_idle(intervals: list[tuple[float, float]]) -> tuple[float, floa
 
 def write_cprofile(step, args: argparse.Namespace) -> None:
     """cProfile's table of ``args.steps`` back-to-back steps (own time first) to ``args.cprofile``, with the
-    provenance and the host ms per step (profiled, so inflated) on top."""
+    provenance and the host ms per step (profiled, so inflated) on top. Autograd runs the backward on the calling
+    thread here (cProfile sees one thread only; by default a CUDA backward runs on a device thread of autograd's)."""
     profiler = cProfile.Profile()
     start = time.perf_counter()
-    profiler.enable()
-    for _ in range(args.steps):
-        step()
-    profiler.disable()
+    with torch.autograd.set_multithreading_enabled(False):
+        profiler.enable()
+        for _ in range(args.steps):
+            step()
+        profiler.disable()
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - start) * 1000 / args.steps
     table = io.StringIO()
     pstats.Stats(profiler, stream=table).sort_stats("tottime").print_stats(args.rows)
     header = dict(provenance(), model=args.model, variant=args.variant, compiled=args.compiled,
-                  compile_mode=args.compile_mode, steps=args.steps, wall_ms_per_step_profiled=round(wall_ms, 1))
+                  compile_mode=args.compile_mode, steps=args.steps, backward_on_calling_thread=True,
+                  wall_ms_per_step_profiled=round(wall_ms, 1))
     with open(args.cprofile, "w") as handle:
         handle.write(json.dumps(header) + "\n" + table.getvalue())
     print(f"{wall_ms:.1f} ms per step (cProfile on) -> {args.cprofile}")

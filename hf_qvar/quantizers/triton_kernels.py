@@ -145,10 +145,10 @@ if HAS_TRITON:
         if STEP_AXIS == 0:
             programs = tl.num_programs(0) * tl.num_programs(1)
             tl.debug_barrier()
-            if tl.atomic_add(counter_ptr, 1, sem="acq_rel") == programs - 2:
+            if tl.atomic_add(counter_ptr, 1, sem="acq_rel") == programs - 1:
                 _finalize(0, grad_step_ptr, grad_offset_ptr, step_sums_ptr, abs_sums_ptr, offset_sums_ptr, 1,
                           programs, programs, programs, grad_scale, qp, False, L1_SCALE, HAS_OFFSET, FINALIZE_BLOCK)
-                pass
+                tl.store(counter_ptr, 0)
 
     @triton.jit
     def _finalize(g, grad_step_ptr, grad_offset_ptr, step_sums_ptr, abs_sums_ptr, offset_sums_ptr, tiles, n,
