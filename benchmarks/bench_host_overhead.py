@@ -64,7 +64,7 @@ def main() -> None:
         "torch op (x * 2)": lambda: x.detach() * 2,
         "empty_like": lambda: torch.empty_like(x),
         "triton forward launch": lambda: kernels.fake_quantize_forward(x.detach(), step, None, -8, 7),
-        "triton backward": lambda: kernels.fake_quantize_backward(grad, x.detach(), step, None, -8, 7,
+        "triton backward (2 launches)": lambda: kernels.fake_quantize_backward(grad, x.detach(), step, None, -8, 7,
                                                                                 grad_scale=0.1),
         "weight quantizer forward": autocast(lambda: weight_q(w)),
         "weight quantizer forward + backward": autocast(lambda: weight_q(w).backward(grad_weight)),

@@ -1,7 +1,6 @@
-"""Fused Triton kernels for `functional`'s LSQ fake quantizer and elastic binarizer: one kernel forward, one
-backward for a single step (the element-wise pass with partial sums, whose last program sums them into the step
-and offset gradients, their gradient scale included: for weights the L1 norm of the weight, summed in the same
-pass); steps per row or column take a second, parallel launch for that sum.
+"""Fused Triton kernels for `functional`'s LSQ fake quantizer and elastic binarizer: one kernel forward, two
+backward (the element-wise pass with partial sums, then one small launch for the step and offset gradients,
+their gradient scale included: for weights the L1 norm of the weight, summed in the same pass).
 
 Why: in eager mode the reference runs ~24 small ops per quantizer per training step, and BERT-base has ~180
 quantizers, so an eager quantized step was bound by kernel launches (3.7× the full-precision step). These
@@ -97,19 +96,13 @@ if HAS_TRITON:
         _store_values(out_ptr, idx, inb, q, step, beta, HAS_OFFSET)
 
     @triton.jit
-    def _backward_kernel(grad_ptr, grad_x_ptr, step_sums_ptr, abs_sums_ptr, offset_sums_ptr, values_ptr,
-                         grad_step_ptr, grad_offset_ptr, counter_ptr, grad_scale, x_ptr, step_ptr, offset_ptr,
-                         codes_ptr, rows, cols, qn, qp, STEP_AXIS: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                         HAS_FROZEN: tl.constexpr, BINARY: tl.constexpr, L1_SCALE: tl.constexpr,
-                         WRITE_VALUES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                         FINALIZE_BLOCK: tl.constexpr):
+    def _backward_kernel(grad_ptr, grad_x_ptr, step_sums_ptr, abs_sums_ptr, offset_sums_ptr, values_ptr, x_ptr,
+                         step_ptr, offset_ptr, codes_ptr, rows, cols, qn, qp, STEP_AXIS: tl.constexpr,
+                         HAS_OFFSET: tl.constexpr, HAS_FROZEN: tl.constexpr, BINARY: tl.constexpr,
+                         L1_SCALE: tl.constexpr, WRITE_VALUES: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
         """x's gradient and the partial sums of α's (and β's); with ``WRITE_VALUES`` also the forward values, for a
-        backward that needs them again (the matmul's weight gradient) without a second pass over x.
-
-        A single step (``STEP_AXIS`` 0) is finished here: each program counts itself on ``counter_ptr`` once its
-        partials are stored, and the last one sums them all (`_finalize`, in a fixed order: deterministic) and
-        resets the counter; one launch instead of two. The barrier and the acquire-release atomic make every
-        program's partials visible to the last one."""
+        backward that needs them again (the matmul's weight gradient) without a second pass over x."""
         pid_r, pid_c = tl.program_id(0), tl.program_id(1)
         r, c, idx, inb = _tile(pid_r, pid_c, rows, cols, BLOCK_R, BLOCK_C)
         q, step, beta, inside, d_step = _codes(x_ptr, step_ptr, offset_ptr, codes_ptr, r, c, idx, inb, rows,
@@ -142,22 +135,16 @@ if HAS_TRITON:
         if HAS_OFFSET:
             offset_terms = tl.where(inb & ~inside, grad, 0.0)
             tl.store(offset_sums_ptr + pid_r * tl.num_programs(1) + pid_c, tl.sum(tl.sum(offset_terms, axis=1), axis=0))
-        if STEP_AXIS == 0:
-            programs = tl.num_programs(0) * tl.num_programs(1)
-            tl.debug_barrier()
-            if tl.atomic_add(counter_ptr, 1, sem="acq_rel") == programs - 1:
-                _finalize(0, grad_step_ptr, grad_offset_ptr, step_sums_ptr, abs_sums_ptr, offset_sums_ptr, 1,
-                          programs, programs, programs, grad_scale, qp, False, L1_SCALE, HAS_OFFSET, FINALIZE_BLOCK)
-                tl.store(counter_ptr, 0)
 
     @triton.jit
-    def _finalize(g, grad_step_ptr, grad_offset_ptr, step_sums_ptr, abs_sums_ptr, offset_sums_ptr, tiles, n,
-                  group_size, offset_tiles, grad_scale, qp, PER_ENTRY: tl.constexpr, L1_SCALE: tl.constexpr,
-                  HAS_OFFSET: tl.constexpr, BLOCK: tl.constexpr):
-        """α's (and β's) gradient from `_backward_kernel`'s partial sums: the entries ``[g·group_size,
-        (g+1)·group_size)`` of the ``tiles × n`` partials, with the L1 scale one norm group
-        (`functional.l1_grad_scale`); one gradient per entry (``PER_ENTRY``) or their sum (a single step). Loads
-        skip L1: the partials were written by other programs (see `_backward_kernel`)."""
+    def _finalize_kernel(grad_step_ptr, grad_offset_ptr, step_sums_ptr, abs_sums_ptr, offset_sums_ptr, tiles, n,
+                         group_size, offset_tiles, grad_scale, qp, PER_ENTRY: tl.constexpr, L1_SCALE: tl.constexpr,
+                         HAS_OFFSET: tl.constexpr, BLOCK: tl.constexpr):
+        """α's (and β's) gradient from `_backward_kernel`'s partial sums, in one launch instead of a reduction
+        and a scaling per quantizer. Program ``g`` owns the entries ``[g·group_size, (g+1)·group_size)`` of the
+        ``tiles × n`` partials: with the L1 scale, one norm group (`functional.l1_grad_scale`); it writes one
+        gradient per entry (``PER_ENTRY``) or their sum (a single step)."""
+        g = tl.program_id(0)
         lanes = tl.arange(0, BLOCK)
         scale = grad_scale
         if L1_SCALE:
@@ -166,7 +153,7 @@ if HAS_TRITON:
                 idx = g * group_size + start + lanes
                 ok = (start + lanes < group_size) & (idx < n)
                 for t in range(tiles):
-                    l1 += tl.load(abs_sums_ptr + t * n + idx, mask=ok, other=0.0, cache_modifier=".cg")
+                    l1 += tl.load(abs_sums_ptr + t * n + idx, mask=ok, other=0.0)
             scale = 1.0 / tl.sqrt_rn(tl.maximum(tl.sum(l1, axis=0), 1e-12) * qp)
         total = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, group_size, BLOCK):
@@ -174,7 +161,7 @@ if HAS_TRITON:
             ok = (start + lanes < group_size) & (idx < n)
             acc = tl.zeros([BLOCK], dtype=tl.float32)
             for t in range(tiles):
-                acc += tl.load(step_sums_ptr + t * n + idx, mask=ok, other=0.0, cache_modifier=".cg")
+                acc += tl.load(step_sums_ptr + t * n + idx, mask=ok, other=0.0)
             if PER_ENTRY:
                 tl.store(grad_step_ptr + idx, acc * scale, mask=ok)
             else:
@@ -184,17 +171,8 @@ if HAS_TRITON:
         if HAS_OFFSET:
             offsets = tl.zeros([BLOCK], dtype=tl.float32)
             for start in range(0, offset_tiles, BLOCK):
-                offsets += tl.load(offset_sums_ptr + start + lanes, mask=start + lanes < offset_tiles, other=0.0,
-                                   cache_modifier=".cg")
+                offsets += tl.load(offset_sums_ptr + start + lanes, mask=start + lanes < offset_tiles, other=0.0)
             tl.store(grad_offset_ptr, tl.sum(offsets, axis=0), mask=g == 0)
-
-    @triton.jit
-    def _finalize_kernel(grad_step_ptr, grad_offset_ptr, step_sums_ptr, abs_sums_ptr, offset_sums_ptr, tiles, n,
-                         group_size, offset_tiles, grad_scale, qp, PER_ENTRY: tl.constexpr, L1_SCALE: tl.constexpr,
-                         HAS_OFFSET: tl.constexpr, BLOCK: tl.constexpr):
-        """`_finalize` in parallel, program ``g`` for group ``g``: steps with one entry per row or column."""
-        _finalize(tl.program_id(0), grad_step_ptr, grad_offset_ptr, step_sums_ptr, abs_sums_ptr, offset_sums_ptr,
-                  tiles, n, group_size, offset_tiles, grad_scale, qp, PER_ENTRY, L1_SCALE, HAS_OFFSET, BLOCK)
 
 
 def step_axis(x: torch.Tensor, step: torch.Tensor) -> int | None:
@@ -250,20 +228,6 @@ def _run(kernel, outputs: tuple, geometry: tuple, x, step, offset, qn: float, qp
                  enable_fp_fusion=False)
 
 
-_counters: dict[tuple, torch.Tensor] = {}
-
-
-def _launch_counter(device: torch.device) -> torch.Tensor:
-    """The zeroed int32 counter of `_backward_kernel`'s last-program finish, one per device and stream: kernels of
-    one stream run one after the other, and each leaves its counter at zero again."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    counter = _counters.get(key)
-    if counter is None:
-        counter = _counters[key] = torch.zeros((), device=device, dtype=torch.int32)
-    return counter
-
-
 def fake_quantize_forward(x, step, offset, qn: float, qp: float, frozen_codes=None,
                           binary: bool = False, axis: int | None = None, dtype: torch.dtype | None = None
                           ) -> torch.Tensor:
@@ -280,8 +244,7 @@ def fake_quantize_backward(grad_out, x, step, offset, qn: float, qp: float, froz
                            axis: int | None = None, values_dtype: torch.dtype | None = None):
     """``(grad_x, α-gradient shaped like step, β-gradient shaped like offset or None, forward values or None)``:
     α's gradient scaled by ``grad_scale``, or by `functional.l1_grad_scale` of ``x`` when ``l1_group_size > 0``;
-    the values (`fake_quantize_forward`'s, in ``values_dtype``) only when ``values_dtype`` is given. One launch
-    for a single step, two for a step per row or column.
+    the values (`fake_quantize_forward`'s, in ``values_dtype``) only when ``values_dtype`` is given. Two launches.
     Step and offset are fp32 (as `fused_layout` requires), and so are their gradients."""
     axis = step_axis(x, step) if axis is None else axis
     geometry = _geometry(x, axis)
@@ -294,18 +257,15 @@ def fake_quantize_backward(grad_out, x, step, offset, qn: float, qp: float, froz
     partials = torch.empty((2 if l1 else 1, tiles, n), device=x.device, dtype=torch.float32)
     offset_sums = torch.empty(grid, device=x.device, dtype=torch.float32) if offset is not None else partials
     values = torch.empty_like(x, dtype=values_dtype) if values_dtype is not None else None
+    _run(_backward_kernel, (grad_out, grad_x, partials[0], partials[-1], offset_sums, grad_x if values is None else values),
+         geometry, x, step, offset, qn, qp, frozen_codes, axis, binary, L1_SCALE=l1, WRITE_VALUES=values is not None)
     grad_step = torch.empty(step.shape, device=x.device, dtype=torch.float32)
     grad_offset = torch.empty(offset.shape, device=x.device, dtype=torch.float32) if offset is not None else grad_step
-    scale = 1.0 if l1 else float(grad_scale)
     per_entry = axis != ONE_STEP
     group_size = l1_group_size if l1 and per_entry else n if not per_entry else _FINALIZE_BLOCK
     block = min(_FINALIZE_BLOCK, max(16, triton.next_power_of_2(group_size)))
-    outputs = (grad_out, grad_x, partials[0], partials[-1], offset_sums, grad_x if values is None else values,
-               grad_step, grad_offset, _launch_counter(x.device) if not per_entry else grad_step, scale)
-    _run(_backward_kernel, outputs, geometry, x, step, offset, qn, qp, frozen_codes, axis, binary, L1_SCALE=l1,
-         WRITE_VALUES=values is not None, FINALIZE_BLOCK=block)
-    if per_entry:  # one gradient per row or column: finished by programs in parallel
-        _finalize_kernel[(triton.cdiv(n, group_size),)](
-            grad_step, grad_offset, partials[0], partials[-1], offset_sums, tiles, n, group_size, offset_sums.numel(),
-            scale, float(qp), PER_ENTRY=True, L1_SCALE=l1, HAS_OFFSET=offset is not None, BLOCK=block)
+    _finalize_kernel[(triton.cdiv(n, group_size),)](
+        grad_step, grad_offset, partials[0], partials[-1], offset_sums, tiles, n, group_size, offset_sums.numel(),
+        1.0 if l1 else float(grad_scale), float(qp), PER_ENTRY=per_entry, L1_SCALE=l1, HAS_OFFSET=offset is not None,
+        BLOCK=block)
     return grad_x, grad_step, grad_offset if offset is not None else None, values
