@@ -20,8 +20,8 @@ import statistics
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_train_step import (MODELS, VARIANTS, add_config_arguments, apply_config_arguments, build, config_label,
-                              provenance)
+from bench_train_step import (MODELS, VARIANTS, add_config_arguments, apply_config_arguments, build, compile_model,
+                              config_label, provenance)
 
 GUARD_EVENT = "TorchDynamo Cache Lookup"
 
@@ -74,6 +74,8 @@ def main() -> None:
     add_config_arguments(parser)
     args = parser.parse_args()
     settings = apply_config_arguments(args, parser)
+    if args.guard_filter and len(args.variants) > 1:  # see `compile_model`: the variants' graphs cannot coexist
+        parser.error("--guard_filter: time one variant per run (a filtered graph would also serve the others).")
     ids = torch.randint(1000, 2000, (2, 8), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}  # tiny: only the host-side lookup matters
     compiled = {}
@@ -82,7 +84,7 @@ def main() -> None:
         with torch.no_grad():
             model(**batch)  # calibrate activation steps before compiling, as training does
         known = guard_managers(model)
-        compiled_model = torch.compile(model, backend="aot_eager")
+        compiled_model = compile_model(model, guard_filter=args.guard_filter, backend="aot_eager")
         for _ in range(2):
             compiled_model(**batch).logits.sum().backward()
         compiled[variant] = compiled_model, installed_guards(model, known)

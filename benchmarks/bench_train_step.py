@@ -139,14 +139,30 @@ def timed(step, warmup: int, iters: int) -> tuple[float, float, float, float]:
     return statistics.median(times), q3 - q1, peak, back_to_back(step, iters)[0]
 
 
-def time_steps(model, batch: dict, compiled: bool, warmup: int, iters: int,
-               compile_mode: str | None = None, step_graph: bool = False) -> tuple[float, float, float, float]:
+def compile_model(model, compile_mode: str | None = None, guard_filter: str | None = None, **kwargs):
+    """``torch.compile(model, mode=compile_mode)``; with ``guard_filter``, the name of one of `torch.compiler`'s guard
+    filters (e.g. ``skip_guard_on_all_nn_modules_unsafe``), passed as ``options`` with the mode's own options
+    (``torch.compile`` takes a mode or options, not both). Such a filter also drops the guards that tell one model
+    of a class from another (a W4A4 BERT would run the graph compiled for the FP one), so Dynamo's caches are
+    cleared first."""
+    if guard_filter is None:
+        return torch.compile(model, mode=compile_mode, **kwargs)
+    from torch._inductor import list_mode_options
+
+    torch._dynamo.reset()
+
+    options = dict(list_mode_options(compile_mode or "default"), guard_filter_fn=getattr(torch.compiler, guard_filter))
+    return torch.compile(model, options=options, **kwargs)
+
+
+def time_steps(model, batch: dict, compiled: bool, warmup: int, iters: int, compile_mode: str | None = None,
+               step_graph: bool = False, guard_filter: str | None = None) -> tuple[float, float, float, float]:
     """`timed` of forward+backward+AdamW: synced step time (median, IQR; ms), peak memory (GiB), back-to-back ms per
     step; with ``step_graph``, of the replay of one CUDA graph holding the whole step (capturable AdamW)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=torch.cuda.is_available(),
                                   capturable=step_graph)
     calibrate(model, batch)
-    forward = torch.compile(model, mode=compile_mode) if compiled else model
+    forward = compile_model(model, compile_mode, guard_filter) if compiled else model
     if step_graph:  # an all-ones mask adds nothing, and eager mask code reads it on the host (not capturable)
         batch = {k: v for k, v in batch.items() if k != "attention_mask"}
     step = training_step(forward, optimizer, batch, autocast_cache=not step_graph)
@@ -203,8 +219,14 @@ def apply_config_settings(settings: list[str], flag: str, parser: argparse.Argum
     return applied
 
 
+GUARD_FILTERS = ("skip_guard_on_all_nn_modules_unsafe", "skip_guard_on_inbuilt_nn_modules_unsafe")
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--inductor`` and ``--dynamo`` KEY=VALUE settings (see `apply_config_settings`)."""
+    """``--inductor`` and ``--dynamo`` KEY=VALUE settings (see `apply_config_settings`) and ``--guard_filter``."""
+    parser.add_argument("--guard_filter", choices=GUARD_FILTERS,
+                        help="compile with this torch.compiler guard filter (recorded in each row's mode); unsafe "
+                             "where module attributes change after compiling, e.g. train() / eval()")
     parser.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
                         help="torch._inductor.config settings for the compiled modes, e.g. cpp_wrapper=True "
                              "combo_kernels=True (recorded in each row's mode)")
@@ -214,14 +236,16 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def apply_config_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, dict[str, object]]:
-    """Apply the ``--inductor`` and ``--dynamo`` settings of `add_config_arguments`; returns them, for the record."""
+    """Apply the ``--inductor`` and ``--dynamo`` settings of `add_config_arguments`; returns them and the guard
+    filter, for the record."""
     return dict(inductor=apply_config_settings(args.inductor, "inductor", parser),
-                dynamo=apply_config_settings(args.dynamo, "dynamo", parser))
+                dynamo=apply_config_settings(args.dynamo, "dynamo", parser), guard_filter=args.guard_filter)
 
 
 def config_label(args: argparse.Namespace) -> str:
-    """The ``+KEY=VALUE`` suffix that names a run's ``--inductor`` and ``--dynamo`` settings."""
-    return "".join("+" + setting for setting in args.inductor + args.dynamo)
+    """The ``+KEY=VALUE`` suffix that names a run's ``--inductor``, ``--dynamo`` and ``--guard_filter`` settings."""
+    guard_filter = [f"guard_filter={args.guard_filter}"] if args.guard_filter else []
+    return "".join("+" + setting for setting in args.inductor + args.dynamo + guard_filter)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -256,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
                 t0 = time.time()
                 os.environ[TRITON_SWITCH] = "0" if mode == "eager-reference" else "1"
                 ms, iqr, peak, per_step = time_steps(model, batch, mode == "compiled", args.warmup, args.iters,
-                                                     args.compile_mode, args.step_graph)
+                                                     args.compile_mode, args.step_graph, args.guard_filter)
                 label = mode_label(mode, args.compile_mode)
                 if mode == "compiled":
                     label += config_label(args)

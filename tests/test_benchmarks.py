@@ -125,14 +125,16 @@ def test_compiler_settings_are_applied_labelled_and_bad_ones_named(capsys):
 
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    args = parser.parse_args(["--dynamo", "use_recursive_dict_tags_for_guards=True", "--inductor", "cpp_wrapper=True"])
+    args = parser.parse_args(["--dynamo", "use_recursive_dict_tags_for_guards=True", "--inductor", "cpp_wrapper=True",
+                              "--guard_filter", "skip_guard_on_all_nn_modules_unsafe"])
     before = dynamo_config.use_recursive_dict_tags_for_guards
     try:
         assert apply_config_settings(args.dynamo, "dynamo", parser) == {"use_recursive_dict_tags_for_guards": True}
         assert dynamo_config.use_recursive_dict_tags_for_guards is True
     finally:
         dynamo_config.use_recursive_dict_tags_for_guards = before
-    assert config_label(args) == "+cpp_wrapper=True+use_recursive_dict_tags_for_guards=True"
+    assert config_label(args) == ("+cpp_wrapper=True+use_recursive_dict_tags_for_guards=True"
+                                  "+guard_filter=skip_guard_on_all_nn_modules_unsafe")
     bad_settings = {"no_such_setting=1": "KEY a torch._dynamo.config setting",
                     "cache_size_limit=x y": "must be a Python literal"}
     for setting, message in bad_settings.items():
@@ -146,13 +148,15 @@ def test_installed_guards_counts_each_compiled_models_own_guard_tree():
     full precision, more for more layers, and a class's earlier compiled models are not counted again."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from bench_guard_eval import guard_managers, installed_guards
+    from bench_train_step import compile_model
     from transformers import BertConfig, BertForSequenceClassification
 
     from hf_qvar import QVarConfig, quantize_model
 
     ids = torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(0))
     counts = {}
-    for layers, bits in [(1, None), (1, 4), (2, 4)]:
+    for layers, bits, guard_filter in [(1, None, None), (1, 4, None), (2, 4, None),
+                                       (2, 4, "skip_guard_on_all_nn_modules_unsafe")]:
         torch.manual_seed(0)
         model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers,
                                                          num_attention_heads=4, intermediate_size=64))
@@ -161,7 +165,9 @@ def test_installed_guards_counts_each_compiled_models_own_guard_tree():
         with torch.no_grad():
             model(input_ids=ids)  # calibrate
         known = guard_managers(model)
-        torch.compile(model, backend="aot_eager")(input_ids=ids)
-        counts[layers, bits] = installed_guards(model, known)
+        compile_model(model, guard_filter=guard_filter, backend="aot_eager")(input_ids=ids)
+        counts[layers, bits, guard_filter] = installed_guards(model, known)
     assert all(len(graphs) == 1 for graphs in counts.values()), counts
-    assert counts[1, None][0] < counts[1, 4][0] < counts[2, 4][0], counts
+    assert counts[1, None, None][0] < counts[1, 4, None][0] < counts[2, 4, None][0], counts
+    # PyTorch's filter leaves out every guard on module attributes: most of them.
+    assert counts[2, 4, "skip_guard_on_all_nn_modules_unsafe"][0] < counts[1, None, None][0] / 2, counts
