@@ -184,8 +184,9 @@ class _FakeQuantizedInputLinear(torch.autograd.Function):
 
     Why one function: composed, the quantizer keeps ``x`` for its backward and the matmul keeps ``x̂``, two
     activation-sized tensors per layer. Here only ``x`` is kept and ``x̂`` is recomputed in the backward (on the
-    kernels, by the pass that computes x's gradient), which cut the eager peak memory of a quantized training step (see the README's
-    Performance section). Values and gradients are those of the composed ops, and are tested against them."""
+    kernels, by the pass that computes x's gradient), which cut the eager peak memory of a quantized training step
+    (see the README's Performance section). Values and gradients are those of the composed ops, and are tested
+    against them."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, step, offset, grad_scale, qn: int, qp: int, binary: bool):

@@ -257,8 +257,9 @@ def fake_quantize_backward(grad_out, x, step, offset, qn: float, qp: float, froz
     partials = torch.empty((2 if l1 else 1, tiles, n), device=x.device, dtype=torch.float32)
     offset_sums = torch.empty(grid, device=x.device, dtype=torch.float32) if offset is not None else partials
     values = torch.empty_like(x, dtype=values_dtype) if values_dtype is not None else None
-    _run(_backward_kernel, (grad_out, grad_x, partials[0], partials[-1], offset_sums, grad_x if values is None else values),
-         geometry, x, step, offset, qn, qp, frozen_codes, axis, binary, L1_SCALE=l1, WRITE_VALUES=values is not None)
+    outputs = (grad_out, grad_x, partials[0], partials[-1], offset_sums, grad_x if values is None else values)
+    _run(_backward_kernel, outputs, geometry, x, step, offset, qn, qp, frozen_codes, axis, binary, L1_SCALE=l1,
+         WRITE_VALUES=values is not None)
     grad_step = torch.empty(step.shape, device=x.device, dtype=torch.float32)
     grad_offset = torch.empty(offset.shape, device=x.device, dtype=torch.float32) if offset is not None else grad_step
     per_entry = axis != ONE_STEP
