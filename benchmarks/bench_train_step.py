@@ -150,8 +150,8 @@ def compile_model(model, compile_mode: str | None = None, guard_filter: str | No
     from torch._inductor import list_mode_options
 
     torch._dynamo.reset()
-
-    options = dict(list_mode_options(compile_mode or "default"), guard_filter_fn=getattr(torch.compiler, guard_filter))
+    options = dict(list_mode_options(compile_mode or "default"))
+    options["guard_filter_fn"] = getattr(torch.compiler, guard_filter)
     return torch.compile(model, options=options, **kwargs)
 
 
@@ -235,7 +235,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                              "(recorded in each row's mode)")
 
 
-def apply_config_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, dict[str, object]]:
+def apply_config_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, object]:
     """Apply the ``--inductor`` and ``--dynamo`` settings of `add_config_arguments`; returns them and the guard
     filter, for the record."""
     return dict(inductor=apply_config_settings(args.inductor, "inductor", parser),

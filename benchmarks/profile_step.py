@@ -16,8 +16,8 @@ import argparse
 import cProfile
 import io
 import json
-import pstats
 import os
+import pstats
 import time
 
 import torch
@@ -48,7 +48,8 @@ def write_cprofile(step, args: argparse.Namespace) -> None:
         for _ in range(args.steps):
             step()
         profiler.disable()
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - start) * 1000 / args.steps
     table = io.StringIO()
     pstats.Stats(profiler, stream=table).sort_stats("tottime").print_stats(args.rows)

@@ -171,3 +171,26 @@ def test_installed_guards_counts_each_compiled_models_own_guard_tree():
     assert counts[1, None, None][0] < counts[1, 4, None][0] < counts[2, 4, None][0], counts
     # PyTorch's filter leaves out every guard on module attributes: most of them.
     assert counts[2, 4, "skip_guard_on_all_nn_modules_unsafe"][0] < counts[1, None, None][0] / 2, counts
+
+
+def test_cprofile_table_names_the_quantizers_backward(tmp_path):
+    """`profile_step --cprofile` writes its provenance, then cProfile's table, which reaches the quantizers'
+    backward functions."""
+    import argparse
+    import json
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from profile_step import write_cprofile
+
+    from hf_qvar.quantizers.fake_quantizer import make_weight_quantizer
+
+    weight = torch.randn(8, 8, requires_grad=True)
+    quantizer = make_weight_quantizer(4, channels=8)
+    quantizer.initialize(weight)
+    out = tmp_path / "cprofile.txt"
+    args = argparse.Namespace(cprofile=str(out), steps=3, rows=200, model="tiny", variant="w4", compiled=False,
+                              compile_mode=None)
+    write_cprofile(lambda: quantizer(weight).sum().backward(), args)
+    header, table = out.read_text().split("\n", 1)
+    assert json.loads(header)["steps"] == 3 and json.loads(header)["backward_on_calling_thread"]
+    assert "functional.py" in table and "(backward)" in table
