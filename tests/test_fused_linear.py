@@ -50,6 +50,32 @@ def test_fused_linear_matches_quantizer_then_linear(name, autocast):
         assert got.dtype == want.dtype and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("trained", ["weight_only", "all_but_weight"])
+@pytest.mark.parametrize("name", ["lsq_unsigned_offset", "binary"])
+def test_fused_linear_with_some_inputs_frozen_matches_quantizer_then_linear(name, trained):
+    """The backward's branches: only the weight trained (the quantized input recomputed on its own), or everything
+    but the weight (a frozen base weight, as under LoRA: the quantized input not needed)."""
+    torch.manual_seed(0)
+    quantizer = QUANTIZERS[name]()
+    x, weight, bias = torch.randn(3, 5, 8), torch.randn(6, 8) * 0.3, torch.randn(6)
+    quantizer(x)  # calibrates the step
+    quantizer.requires_grad_(trained != "weight_only")
+    grad = torch.randn(3, 5, 6)
+    results = []
+    for fused in (True, False):
+        leaves = [t.clone().requires_grad_(trained != "weight_only") for t in (x, weight, bias)]
+        leaves[1].requires_grad_(trained == "weight_only")
+        out = quantizer.linear(*leaves) if fused else nnF.linear(quantizer(leaves[0]), leaves[1], leaves[2])
+        out.backward(grad)
+        results.append([out.detach()] + [leaf.grad for leaf in leaves] + [p.grad for p in quantizer.parameters()])
+        quantizer.zero_grad()
+    for got, want in zip(*results):
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert torch.equal(got, want)
+    assert (results[0][2] is not None) == (trained == "weight_only")
+
+
 def _saved_bytes(fn) -> int:
     """Bytes of the tensors autograd keeps for the backward of ``fn()``."""
     sizes = []
