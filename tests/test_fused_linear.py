@@ -59,12 +59,13 @@ def test_fused_linear_with_some_inputs_frozen_matches_quantizer_then_linear(name
     quantizer = QUANTIZERS[name]()
     x, weight, bias = torch.randn(3, 5, 8), torch.randn(6, 8) * 0.3, torch.randn(6)
     quantizer(x)  # calibrates the step
-    quantizer.requires_grad_(trained != "weight_only")
+    weight_only = trained == "weight_only"
+    quantizer.requires_grad_(not weight_only)
     grad = torch.randn(3, 5, 6)
     results = []
     for fused in (True, False):
-        leaves = [t.clone().requires_grad_(trained != "weight_only") for t in (x, weight, bias)]
-        leaves[1].requires_grad_(trained == "weight_only")
+        leaves = [t.clone().requires_grad_(trains) for t, trains in
+                  ((x, not weight_only), (weight, weight_only), (bias, not weight_only))]
         out = quantizer.linear(*leaves) if fused else nnF.linear(quantizer(leaves[0]), leaves[1], leaves[2])
         out.backward(grad)
         results.append([out.detach()] + [leaf.grad for leaf in leaves] + [p.grad for p in quantizer.parameters()])
@@ -73,7 +74,7 @@ def test_fused_linear_with_some_inputs_frozen_matches_quantizer_then_linear(name
         assert (got is None) == (want is None)
         if want is not None:
             assert torch.equal(got, want)
-    assert (results[0][2] is not None) == (trained == "weight_only")
+    assert (results[0][2] is not None) == weight_only
 
 
 def _saved_bytes(fn) -> int:
