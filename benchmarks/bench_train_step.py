@@ -33,7 +33,8 @@ MODELS = {
     "bert-base": (lambda: BertForSequenceClassification(BertConfig(num_labels=2)), 32),
     "deit-s": (
         lambda: DeiTForImageClassification(
-            DeiTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, num_labels=1000)
+            DeiTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+                       num_labels=1000)
         ),
         64,
     ),

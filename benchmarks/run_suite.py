@@ -75,7 +75,8 @@ def _qat_runs(prefix: str, script: str, model: str, base: dict, teacher: str, kd
 
 def text_suite(model: str) -> list[list[Run]]:
     """MiniLM-L6 on Rotten Tomatoes: FP teacher, then W4A4 (full recipe) and the W2A2 / W1A1 ladders."""
-    common = dict(do_train=None, do_eval=None, max_seq_length="64", per_device_train_batch_size="32", per_device_eval_batch_size="256",
+    common = dict(do_train=None, do_eval=None, max_seq_length="64", per_device_train_batch_size="32",
+                  per_device_eval_batch_size="256",
                   weight_decay="0.01", warmup_steps="0.1", eval_strategy="epoch", save_strategy="no",
                   logging_steps="50", report_to="none", seed="{seed}", dataloader_num_workers="0")
     teacher = "{runs_dir}/text-fp-s1"
@@ -89,7 +90,8 @@ def text_suite(model: str) -> list[list[Run]]:
 
 def vision_suite(teacher: str) -> list[list[Run]]:
     """Fashion-MNIST DeiT: W4A4 / W3A3 (full recipe) and the W2A2 ladder, from and distilled by `teacher`."""
-    common = dict(do_train=None, do_eval=None, model_name_or_path=teacher, per_device_train_batch_size="128", per_device_eval_batch_size="1000",
+    common = dict(do_train=None, do_eval=None, model_name_or_path=teacher, per_device_train_batch_size="128",
+                  per_device_eval_batch_size="1000",
                   num_train_epochs="6", num_crops="4", crop_scale_min="0.6", eval_strategy="epoch",
                   save_strategy="no", logging_steps="50", report_to="none", seed="{seed}",
                   dataloader_num_workers="2")
@@ -102,7 +104,8 @@ def vision_suite(teacher: str) -> list[list[Run]]:
 
 def deit_pretrain_suite() -> list[list[Run]]:
     """The full-precision DeiT pre-trained from scratch on Fashion-MNIST (QAT start point and teacher)."""
-    args = dict(do_train=None, do_eval=None, from_scratch=None, model_type="deit", output_dir="{runs_dir}/deit-fmnist-fp-s{seed}",
+    args = dict(do_train=None, do_eval=None, from_scratch=None, model_type="deit",
+                output_dir="{runs_dir}/deit-fmnist-fp-s{seed}",
                 num_train_epochs="40", per_device_train_batch_size="512", per_device_eval_batch_size="1000",
                 learning_rate="1.5e-3", weight_decay="0.05", warmup_steps="0.05", crop_scale_min="0.8",
                 torch_compile=None, save_strategy="epoch", save_total_limit="1",

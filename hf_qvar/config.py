@@ -135,10 +135,13 @@ class QVarConfig(QuantizationConfigMixin):
             )
         if self.weight_bits != 1 and self.weight_quantizer == "bwn":
             raise ValueError(
-                f"`weight_quantizer='bwn'` binarizes weights and needs `weight_bits=1`, got `weight_bits={self.weight_bits}`."
+                f"`weight_quantizer='bwn'` binarizes weights and needs `weight_bits=1`, "
+                f"got `weight_bits={self.weight_bits}`."
             )
         if not isinstance(self.module_overrides, dict):
-            raise ValueError(f"`module_overrides` must be a dict of pattern -> settings, got {self.module_overrides!r}.")
+            raise ValueError(
+                f"`module_overrides` must be a dict of pattern -> settings, got {self.module_overrides!r}."
+            )
         for pattern, override in self.module_overrides.items():
             _check_override(pattern, override)
         if self.modules_to_not_convert is not None and not all(isinstance(p, str) for p in self.modules_to_not_convert):
